@@ -1,0 +1,1 @@
+"""shoal-tracker: BitTorrent tracker, swarm CA and join authorization for a cluster."""

@@ -1,0 +1,113 @@
+"""`shoal-tracker --config FILE`: load the config once, run until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from common.config import ConfigError, load_config, load_yaml, parse_address
+from common.logs import setup_logging
+from common.tokens import TokenVerifier
+from tracker.announce import AnnounceKeys
+from tracker.auth import JoinAuthorizer
+from tracker.ca import announce_secret, load_or_create_ca
+from tracker.config import TrackerConfig
+from tracker.metrics import TrackerMetrics
+from tracker.registry import open_blob_checker
+from tracker.server import Tracker, make_app
+from tracker.store import open_store
+
+logger = logging.getLogger("tracker")
+
+
+def parse_args(argv: list[str]) -> TrackerConfig:
+    parser = argparse.ArgumentParser(prog="shoal-tracker", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="YAML configuration file")
+    parser.add_argument("--listen", help='override "listen" ("ip:port")')
+    parser.add_argument("--state-dir", help='override "state_dir"')
+    parser.add_argument("--store", help='override "store" ("sqlite" or a redis:// URL)')
+    parser.add_argument("--log-level", help='override "log_level"')
+    args = parser.parse_args(argv)
+    data = load_yaml(args.config)
+    overrides = {"listen": args.listen, "state_dir": args.state_dir, "store": args.store}
+    data |= {key: value for key, value in overrides.items() if value is not None}
+    if args.log_level:
+        data["log_level"] = args.log_level
+    return load_config(TrackerConfig, data)
+
+
+def token_verifiers(config: TrackerConfig) -> dict[str, TokenVerifier]:
+    verifiers = {}
+    for registry in config.registries:
+        if registry.token is not None:
+            pem = registry.token.certs.read_bytes()
+            verifiers[registry.host] = TokenVerifier.from_bundle(
+                pem, registry.token.issuer, registry.token.service
+            )
+    return verifiers
+
+
+def server_ssl_context(config: TrackerConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls.cert, config.tls.key)
+    return context
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, config: TrackerConfig) -> AsyncIterator[None]:
+    host, port = parse_address(config.listen)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=server_ssl_context(config), backlog=1024)
+    await site.start()
+    logger.info("tracker listening on https://%s, public URL %s", config.listen, config.public_url)
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def run(config: TrackerConfig) -> None:
+    ca = await asyncio.to_thread(load_or_create_ca, config.state_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with (
+        open_store(config.store, config.state_dir) as store,
+        open_blob_checker(config.registries, config.upstream_timeout) as checker,
+    ):
+        authorizer = JoinAuthorizer(checker, token_verifiers(config), config.basic_auth_cache)
+        keys = AnnounceKeys(announce_secret(ca))
+        tracker = Tracker(config, ca, keys, store, authorizer, TrackerMetrics())
+        async with serving(make_app(tracker), config):
+            await stop.wait()
+            logger.info("stopping")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        sys.exit(f"shoal-tracker: config: {exc}")
+    setup_logging(config.log_level)
+    try:
+        uvloop.run(run(config))
+    except (OSError, ValueError) as exc:
+        logger.error("cannot start: %s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

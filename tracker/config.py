@@ -1,0 +1,65 @@
+"""The tracker's configuration: one frozen dataclass tree, loaded once by the entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import Address, Duration, Url
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    issuer: str
+    service: str
+    certs: Path  # the PEM bundle the registry itself uses as `rootcertbundle`
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    host: str  # as clients name it, "host:port"
+    url: Url  # how the tracker reaches it
+    ca: Path | None = None  # extra CA for the registry's TLS, on top of the system trust
+    token: TokenConfig | None = None
+    anonymous: bool = False  # allow joins without a credential (the registry's HEAD still decides)
+
+    def __post_init__(self) -> None:
+        if ":" not in self.host or "/" in self.host:
+            raise ValueError(f'host must be "host:port" as clients name it, got {self.host!r}')
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    public_url: Url  # the URL nodes reach this tracker by; announce URLs are built from it
+    tls: TLSConfig
+    registries: tuple[RegistryConfig, ...]
+    listen: Address = "0.0.0.0:8443"
+    state_dir: Path = Path("/var/lib/shoal-tracker")
+    store: str = "sqlite"  # or "redis://host:port/db" to share state between replicas
+    peer_cert_ttl: Duration = 6 * 3600
+    origin_lease: Duration = 60
+    announce_interval: Duration = 30
+    wait_retry: Duration = 2
+    upstream_timeout: Duration = 10
+    basic_auth_cache: Duration = 60  # how long a registry's "yes" to Basic credentials is reused
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.registries:
+            raise ValueError("registries: at least one registry is required")
+        hosts = [r.host for r in self.registries]
+        if len(set(hosts)) != len(hosts):
+            raise ValueError("registries: a host is listed twice")
+        if not (self.store == "sqlite" or self.store.startswith(("redis://", "rediss://"))):
+            raise ValueError(f'store: "sqlite" or a redis:// URL, got {self.store!r}')
+        if self.announce_interval < 1 or self.origin_lease < 1 or self.peer_cert_ttl < 60:
+            raise ValueError("announce_interval, origin_lease >= 1 s and peer_cert_ttl >= 60 s")
+
+    def registry(self, host: str) -> RegistryConfig | None:
+        return next((r for r in self.registries if r.host == host), None)

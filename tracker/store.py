@@ -1,0 +1,166 @@
+"""Where the tracker keeps swarm state: a three-method Protocol, SQLite and Redis behind it.
+
+Blob states (torrents, leases, bars) are durable in both. Peers are soft state that announces
+rebuild within one interval: kept in memory beside SQLite, in Redis hashes when replicas share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from common.ids import Digest, InfoHash
+from tracker.swarm import BlobState, Peer, SwarmView, view_swarm
+
+T = TypeVar("T")
+Change = Callable[[BlobState], tuple[T, BlobState]]
+
+
+class Store(Protocol):
+    async def update_blob(self, digest: Digest, change: Change[T]) -> T:
+        """Apply `change` to the blob's state atomically, across replicas too; return its result."""
+
+    async def announce(
+        self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, now: float
+    ) -> SwarmView:
+        """Record (or with `stopped`, drop) the peer, and return the swarm as it sees it."""
+
+    async def scrape(self, info_hash: InfoHash, now: float) -> SwarmView: ...
+
+
+class MemoryPeers:
+    """Peers of every swarm, in this process, pruned as announces come in."""
+
+    def __init__(self) -> None:
+        self._swarms: dict[bytes, dict[str, Peer]] = {}
+
+    def announce(self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, now: float) -> SwarmView:
+        swarm = self._swarms.setdefault(info_hash.raw, {})
+        for node in [n for n, p in swarm.items() if p.expires_at <= now]:
+            del swarm[node]
+        if stopped:
+            swarm.pop(peer.node, None)
+        else:
+            swarm[peer.node] = peer
+        if not swarm:
+            del self._swarms[info_hash.raw]
+        return view_swarm(swarm.values(), peer.node, peer.seeding, numwant, now)
+
+    def scrape(self, info_hash: InfoHash, now: float) -> SwarmView:
+        return view_swarm(self._swarms.get(info_hash.raw, {}).values(), "", False, 0, now)
+
+
+class SqliteStore:
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS blobs (digest TEXT PRIMARY KEY, state TEXT)")
+        self._lock = asyncio.Lock()
+        self._peers = MemoryPeers()
+
+    async def update_blob(self, digest: Digest, change: Change[T]) -> T:
+        async with self._lock:
+            old = BlobState.from_json(await asyncio.to_thread(self._read, str(digest)))
+            result, new = change(old)
+            if new != old:
+                await asyncio.to_thread(self._write, str(digest), new.to_json())
+            return result
+
+    def _read(self, digest: str) -> str | None:
+        row = self._db.execute("SELECT state FROM blobs WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _write(self, digest: str, state: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO blobs (digest, state) VALUES (?, ?)", (digest, state))
+
+    async def announce(
+        self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, now: float
+    ) -> SwarmView:
+        return self._peers.announce(info_hash, peer, stopped, numwant, now)
+
+    async def scrape(self, info_hash: InfoHash, now: float) -> SwarmView:
+        return self._peers.scrape(info_hash, now)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class RedisStore:
+    """State shared by tracker replicas. Keys: `shoal:blob:<digest>`, `shoal:peers:<info-hash>`."""
+
+    def __init__(self, url: str):
+        import redis.asyncio as redis  # optional dependency: shoal[redis]
+
+        self._redis = redis.Redis.from_url(url)
+        self._watch_error = redis.WatchError
+
+    async def update_blob(self, digest: Digest, change: Change[T]) -> T:
+        key = f"shoal:blob:{digest}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    result, new = change(BlobState.from_json(raw))
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(key, new.to_json())
+                    await pipe.execute()
+                    return result
+                except self._watch_error:
+                    continue  # another replica changed it first: decide again on its state
+
+    async def announce(
+        self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, now: float
+    ) -> SwarmView:
+        key = f"shoal:peers:{info_hash.hex}"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if stopped:
+                pipe.hdel(key, peer.node)
+            else:
+                pipe.hset(key, peer.node, _encode_peer(peer))
+                pipe.expireat(key, int(peer.expires_at) + 1)
+            pipe.hgetall(key)
+            *_, raw = await pipe.execute()
+        peers = list(_decode_peers(raw))
+        expired = [p.node for p in peers if p.expires_at <= now]
+        if expired:
+            await self._redis.hdel(key, *expired)
+        return view_swarm(peers, peer.node, peer.seeding, numwant, now)
+
+    async def scrape(self, info_hash: InfoHash, now: float) -> SwarmView:
+        raw = await self._redis.hgetall(f"shoal:peers:{info_hash.hex}")
+        return view_swarm(_decode_peers(raw), "", False, 0, now)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _encode_peer(peer: Peer) -> str:
+    return f"{peer.ip}|{peer.port}|{int(peer.seeding)}|{peer.expires_at}"
+
+
+def _decode_peers(raw: dict[Any, Any]) -> Iterable[Peer]:
+    for node, value in raw.items():
+        ip, port, seeding, expires_at = value.decode().split("|")
+        yield Peer(node.decode(), ip, int(port), seeding == "1", float(expires_at))
+
+
+@contextlib.asynccontextmanager
+async def open_store(spec: str, state_dir: Path) -> AsyncIterator[Store]:
+    if spec == "sqlite":
+        sqlite_store = SqliteStore(state_dir / "tracker.sqlite3")
+        try:
+            yield sqlite_store
+        finally:
+            sqlite_store.close()
+    else:
+        redis_store = RedisStore(spec)
+        try:
+            yield redis_store
+        finally:
+            await redis_store.close()
