@@ -45,7 +45,6 @@ class TrackerConfig:
     peer_cert_ttl: Duration = 6 * 3600
     origin_lease: Duration = 60
     announce_interval: Duration = 30
-    wait_retry: Duration = 2
     upstream_timeout: Duration = 10
     basic_auth_cache: Duration = 60  # how long a registry's "yes" to Basic credentials is reused
     log_level: str = "info"
