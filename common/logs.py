@@ -17,7 +17,9 @@ from aiohttp import web
 from common.errors import Handler
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+QUIET_PATHS = frozenset({"/healthz", "/metrics"})  # never logged
+# Every node announces every interval: per-request lines for these only at debug level.
+DEBUG_PATHS = frozenset({"/announce", "/scrape"})
 
 access_logger = logging.getLogger("shoal.access")
 
@@ -47,7 +49,9 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     started = time.monotonic()
     response = await handler(request)
     if request.path not in QUIET_PATHS:
-        access_logger.info(
+        level = logging.DEBUG if request.path in DEBUG_PATHS else logging.INFO
+        access_logger.log(
+            level,
             "%s %s %d",
             request.method,
             request.path,

@@ -59,8 +59,6 @@ def test_csr_checks() -> None:
     body = good.splitlines()
     tampered_der = bytearray(base64.b64decode("".join(body[1:-1])))
     tampered_der[-5] ^= 0xFF  # inside the signature
-    tampered = "\n".join(
-        [body[0], base64.b64encode(bytes(tampered_der)).decode(), body[-1]]
-    )
+    tampered = "\n".join([body[0], base64.b64encode(bytes(tampered_der)).decode(), body[-1]])
     with pytest.raises(ValueError):
         load_csr(tampered)

@@ -3,7 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Address, ConfigError, Duration, Size, load_config, load_yaml, parse_duration, parse_size
+from common.config import (
+    Address,
+    ConfigError,
+    Duration,
+    Size,
+    load_config,
+    load_yaml,
+    parse_duration,
+    parse_size,
+)
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,9 @@ def test_durations(text: object, seconds: int) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize(("text", "size"), [(5, 5), ("512MiB", 512 << 20), ("50GiB", 50 << 30), ("1GB", 10**9)])
+@pytest.mark.parametrize(
+    ("text", "size"), [(5, 5), ("512MiB", 512 << 20), ("50GiB", 50 << 30), ("1GB", 10**9)]
+)
 def test_sizes(text: object, size: int) -> None:
     assert parse_size(text) == size
 

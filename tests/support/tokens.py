@@ -40,10 +40,8 @@ def new_signing_key(key_type: KeyType = "ec") -> SigningKey:
 
 
 def libtrust_kid(public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> str:
-    """libtrust `keyIDFromCryptoKey`: base32 of SHA-256(DER SPKI)[:30], groups of 4 joined by ':'."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    """libtrust `keyIDFromCryptoKey`: base32(SHA-256(DER SPKI)[:30]) in groups of 4, ':'-joined."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     encoded = base64.b32encode(hashlib.sha256(der).digest()[:30]).decode().rstrip("=")
     return ":".join(encoded[i : i + 4] for i in range(0, len(encoded), 4))
 
@@ -54,7 +52,7 @@ def default_algorithm(key: SigningKey) -> str:
 
 def self_signed_cert(key: SigningKey, common_name: str) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -70,9 +68,7 @@ def self_signed_cert(key: SigningKey, common_name: str) -> x509.Certificate:
 
 def access_entries(access: Access) -> list[dict[str, Any]]:
     items = access.items() if isinstance(access, Mapping) else access
-    return [
-        {"type": "repository", "name": repo, "actions": list(actions)} for repo, actions in items
-    ]
+    return [{"type": "repository", "name": repo, "actions": list(actions)} for repo, actions in items]
 
 
 class TokenIssuer:
@@ -155,7 +151,6 @@ class TokenIssuer:
         if header == "kid":
             headers["kid"] = self.kid
         elif header == "x5c":
-            headers["x5c"] = [base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()]
-        return jwt.encode(
-            claims, signer, algorithm=algorithm or default_algorithm(signer), headers=headers
-        )
+            der = self.cert.public_bytes(serialization.Encoding.DER)
+            headers["x5c"] = [base64.b64encode(der).decode()]
+        return jwt.encode(claims, signer, algorithm=algorithm or default_algorithm(signer), headers=headers)

@@ -79,7 +79,11 @@ def test_bencode_decoder_raises_only_value_error(raw: bytes) -> None:
         pass
 
 
-@given(st.recursive(st.integers() | st.binary(), lambda inner: st.lists(inner) | st.dictionaries(st.binary(), inner)))
+@given(
+    st.recursive(
+        st.integers() | st.binary(), lambda inner: st.lists(inner) | st.dictionaries(st.binary(), inner)
+    )
+)
 def test_bencode_round_trips(value: object) -> None:
     assert bencoding.decode_canonical(bencoding.encode(value)) == value  # type: ignore[arg-type]
 
