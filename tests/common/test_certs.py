@@ -31,7 +31,7 @@ def test_peer_cert_is_scoped_to_the_blob_and_chains_to_the_ca() -> None:
     assert cn == "node-1"
     assert sans.get_values_for_type(x509.DNSName) == [BLOB.torrent_name]
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [NODE_URI_PREFIX + "node-1"]
-    lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
+    lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
     assert dt.timedelta(hours=5, minutes=59) < lifetime <= dt.timedelta(hours=6)
     assert cert.public_key() == csr.public_key()
 

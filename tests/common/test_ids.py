@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,7 +40,5 @@ def test_bad_node_ids(bad: str) -> None:
 @given(st.text())
 def test_parsers_raise_only_value_error(text: str) -> None:
     for parse in (Digest.parse, Repository.parse, NodeId.parse):
-        try:
+        with contextlib.suppress(ValueError):
             parse(text)
-        except ValueError:
-            pass

@@ -9,7 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from common.certs import CertificateAuthority, cert_pem, issue_peer_cert, load_csr, make_csr, new_ca, new_key
+from common.certs import CertificateAuthority, issue_peer_cert, load_csr, make_csr, new_ca, new_key
 from common.ids import Digest, NodeId, Repository
 from common.tokens import InvalidToken, NoAccess, TokenVerifier, libtrust_key_id
 
