@@ -21,8 +21,9 @@ from cryptography import x509
 from common import bencoding
 from common.certs import make_csr, new_key
 from common.ids import Digest, NodeId, Repository
-from tests.support.images import push_image
+from tests.common.test_certs import corrupt_signature
 from tests.conftest import USERS
+from tests.support.images import push_image
 from tests.support.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca
 from tests.support.registry import Registry
 from tests.support.token_server import TokenServer
@@ -164,9 +165,8 @@ async def test_valid_join_gets_a_blob_scoped_certificate(lab: Lab, tracker: Runn
 
 async def test_malformed_requests_get_400_oci_errors(lab: Lab, tracker: RunningTracker) -> None:
     good = make_csr(new_key())
-    bad_sig = good.replace(good.splitlines()[-2], good.splitlines()[-2][:-6] + "AAAAAA" if
-                           not good.splitlines()[-2].endswith("AAAAAA") else "BBBBBB")  # fmt: skip
-    async with tracker.client() as (client, session):
+    bad_sig = corrupt_signature(good)
+    async with tracker.client() as (_, session):
         for blob, body in [
             ("sha256:xyz", {}),
             (str(lab.blob_a), "not json"),
@@ -190,10 +190,12 @@ async def test_malformed_requests_get_400_oci_errors(lab: Lab, tracker: RunningT
                 assert payload["errors"][0]["code"] in ("BAD_REQUEST", "DIGEST_INVALID")
 
 
-async def announce(session: aiohttp.ClientSession, tracker: RunningTracker, url: str | None,
-                   info_hash: bytes, port: int, left: int = 0, event: str = "") -> dict[bytes, Any]:  # fmt: skip
+async def announce(
+    session: aiohttp.ClientSession, tracker: RunningTracker, url: str | None, info_hash: bytes, port: int,
+    left: int = 0,
+) -> dict[bytes, Any]:  # fmt: skip
     base = url or f"{tracker.url}/announce?x=1"
-    query = f"&info_hash={quote_from_bytes(info_hash)}&port={port}&left={left}&compact=1&event={event}"
+    query = f"&info_hash={quote_from_bytes(info_hash)}&port={port}&left={left}&compact=1"
     async with session.get(base + query, ssl=tracker.ssl_context()) as resp:
         return bencoding.decode(await resp.read())  # type: ignore[no-any-return]
 
@@ -296,22 +298,23 @@ async def test_two_trackers_share_joins_and_peers_through_redis(lab: Lab, tmp_pa
     with redis_server(tmp_path) as redis_url:
         entry = [lab.registry_entry()]
         config_one = tracker_config(tmp_path, lab.tls_ca, entry, store=redis_url)
-        async with run_tracker(tmp_path, lab.tls_ca, config_one) as one:
-            config_two = tracker_config(tmp_path, lab.tls_ca, entry, store=redis_url)
-            async with run_tracker(tmp_path, lab.tls_ca, config_two) as two:
-                async with one.client() as (c1, s1), two.client() as (c2, s2):
-                    first = await join(c1, lab, lab.blob_a, lab.pull(), node=NodeId.parse("a"))
-                    assert first.role == "origin"
-                    assert (
-                        await join(c2, lab, lab.blob_a, lab.pull(), node=NodeId.parse("b"))
-                    ).role == "wait"
-                    _, announce_a = await become_origin_and_publish(c1, lab, NodeId.parse("a"))
-                    leecher = await join(c2, lab, lab.blob_a, lab.pull(), node=NodeId.parse("b"))
-                    assert leecher.role == "leecher" and leecher.announce
-                    info_hash = info_hash_of(leecher)
-                    await announce(s1, one, announce_a, info_hash, 7101)
-                    reply = await announce(s2, two, leecher.announce, info_hash, 7102, left=5)
-                    assert reply[b"peers"] == bytes([127, 0, 0, 1]) + (7101).to_bytes(2, "big")
+        config_two = tracker_config(tmp_path, lab.tls_ca, entry, store=redis_url)
+        async with (
+            run_tracker(tmp_path, lab.tls_ca, config_one) as one,
+            run_tracker(tmp_path, lab.tls_ca, config_two) as two,
+            one.client() as (c1, s1),
+            two.client() as (c2, s2),
+        ):
+            first = await join(c1, lab, lab.blob_a, lab.pull(), node=NodeId.parse("a"))
+            assert first.role == "origin"
+            assert (await join(c2, lab, lab.blob_a, lab.pull(), node=NodeId.parse("b"))).role == "wait"
+            _, announce_a = await become_origin_and_publish(c1, lab, NodeId.parse("a"))
+            leecher = await join(c2, lab, lab.blob_a, lab.pull(), node=NodeId.parse("b"))
+            assert leecher.role == "leecher" and leecher.announce
+            info_hash = info_hash_of(leecher)
+            await announce(s1, one, announce_a, info_hash, 7101)
+            reply = await announce(s2, two, leecher.announce, info_hash, 7102, left=5)
+            assert reply[b"peers"] == bytes([127, 0, 0, 1]) + (7101).to_bytes(2, "big")
 
 
 async def test_request_log_holds_no_credential(lab: Lab, tracker: RunningTracker) -> None:
