@@ -6,17 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import ssl
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import uvloop
 from aiohttp import web
 
-from common.config import ConfigError, load_config, load_yaml, parse_address
-from common.logs import setup_logging
+from common.config import load_config, load_yaml, parse_address
+from common.service import main_entry, stop_on_signals
 from common.tokens import TokenVerifier
 from tracker.announce import AnnounceKeys
 from tracker.auth import JoinAuthorizer
@@ -80,10 +77,7 @@ async def serving(app: web.Application, config: TrackerConfig) -> AsyncIterator[
 
 async def run(config: TrackerConfig) -> None:
     ca = await asyncio.to_thread(load_or_create_ca, config.state_dir)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     async with (
         open_store(config.store, config.state_dir) as store,
         open_blob_checker(config.registries, config.upstream_timeout) as checker,
@@ -97,16 +91,7 @@ async def run(config: TrackerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as exc:
-        sys.exit(f"shoal-tracker: config: {exc}")
-    setup_logging(config.log_level)
-    try:
-        uvloop.run(run(config))
-    except (OSError, ValueError) as exc:
-        logger.error("cannot start: %s", exc)
-        sys.exit(1)
+    main_entry("shoal-tracker", parse_args, run, argv)
 
 
 if __name__ == "__main__":
