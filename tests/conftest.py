@@ -1,0 +1,48 @@
+"""Shared fixtures: the test CA, a token realm and a real registry that trusts it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import trustme
+
+from tests.support.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca
+from tests.support.registry import Registry
+from tests.support.token_server import TokenServer, User
+from tests.support.tokens import TokenIssuer
+
+# Realm accounts of the `registry` fixture. Anonymous requests get a token with no access.
+USERS = {
+    "pusher": User("pusher-secret", {"*": ["pull", "push"]}),
+    "reader": User("reader-secret", {"*": ["pull"]}),
+}
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> trustme.CA:
+    return new_ca()
+
+
+@pytest.fixture
+def token_issuer() -> TokenIssuer:
+    return TokenIssuer()
+
+
+@pytest_asyncio.fixture
+async def token_server(
+    test_ca: trustme.CA, token_issuer: TokenIssuer, tmp_path: Path
+) -> AsyncIterator[TokenServer]:
+    tls = issue_server_cert(test_ca, tmp_path / "auth", "auth", AUTH_NAME, REGISTRY_NAME, LOOPBACK)
+    async with TokenServer(token_issuer, tls, USERS) as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def registry(
+    test_ca: trustme.CA, token_issuer: TokenIssuer, token_server: TokenServer, tmp_path: Path
+) -> AsyncIterator[Registry]:
+    async with Registry(tmp_path / "registry", test_ca, token_issuer, token_server.realm) as reg:
+        yield reg

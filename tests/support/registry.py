@@ -1,0 +1,224 @@
+"""A real CNCF distribution registry (Debian `docker-registry`) with TLS and `auth: token`.
+
+The registry's access log (combined log format on stdout) is the record of what it served: tests
+count layer downloads and registry egress from it. A line is written when the handler returns,
+which can be after the client has read the whole body, so counting first waits for a marker
+request of our own to appear in the log (`flush_log`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import socket
+import ssl
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import aiohttp
+import trustme
+import yaml
+
+from tests.support.pki import LOOPBACK, REGISTRY_NAME, issue_server_cert, write_ca
+from tests.support.tokens import TokenIssuer
+
+BINARY = Path("/usr/bin/docker-registry")
+
+# 127.0.0.1 - - [23/Nov/2026:08:50:50 +0000] "GET /v2/ HTTP/2.0" 401 87 "" "curl/7.88.1"
+ACCESS_LINE = re.compile(
+    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[\d.]+" (?P<status>\d{3}) (?P<size>\d+|-)'
+)
+
+
+@dataclass(frozen=True)
+class AccessLogEntry:
+    method: str
+    path: str  # without the query string
+    status: int
+    size: int  # body bytes written
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def parse_access_log(text: str) -> list[AccessLogEntry]:
+    entries = []
+    for line in text.splitlines():
+        match = ACCESS_LINE.match(line)
+        if match is None:
+            continue
+        size = match["size"]
+        entries.append(
+            AccessLogEntry(
+                method=match["method"],
+                path=match["uri"].partition("?")[0],
+                status=int(match["status"]),
+                size=0 if size == "-" else int(size),
+            )
+        )
+    return entries
+
+
+class Registry:
+    """Started on entry, stopped on exit. Clients name it `host`; tests connect to `url`."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        ca: trustme.CA,
+        issuer: TokenIssuer,
+        realm: str,
+        *,
+        port: int | None = None,
+        startup_timeout: float = 20.0,
+    ) -> None:
+        if not BINARY.exists():
+            raise RuntimeError(f"{BINARY} not found: install Debian package docker-registry")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.port = port if port is not None else free_port()
+        self.host = f"{REGISTRY_NAME}:{self.port}"
+        self.url = f"https://{LOOPBACK}:{self.port}"
+        self.issuer = issuer
+        self.service = issuer.service
+        self.issuer_name = issuer.issuer_name
+        self.realm = realm
+        self.ca_pem = write_ca(ca, workdir / "ca.crt")
+        self.tls = issue_server_cert(ca, workdir, "registry", REGISTRY_NAME, LOOPBACK)
+        self.certs_bundle = issuer.write_bundle(workdir / "token-certs.pem")
+        self.storage = workdir / "storage"
+        self.log = workdir / "registry.log"
+        self.config_path = workdir / "config.yml"
+        self.startup_timeout = startup_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Client context that verifies the registry (and the token realm) against the test CA."""
+        return ssl.create_default_context(cafile=str(self.ca_pem))
+
+    def config(self) -> dict[str, object]:
+        return {
+            "version": 0.1,
+            "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage)},
+                "delete": {"enabled": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {
+                "addr": f"{LOOPBACK}:{self.port}",
+                "secret": secrets.token_hex(16),
+                "tls": {"certificate": str(self.tls.cert), "key": str(self.tls.key)},
+            },
+            "auth": {
+                "token": {
+                    "realm": self.realm,
+                    "service": self.service,
+                    "issuer": self.issuer_name,
+                    "rootcertbundle": str(self.certs_bundle),
+                }
+            },
+        }
+
+    async def __aenter__(self) -> Registry:
+        self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(
+                [str(BINARY), "serve", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _wait_ready(self) -> None:
+        """Ready when `GET /v2/` answers 401: TLS is up and token auth is configured."""
+        assert self._process is not None
+        deadline = asyncio.get_running_loop().time() + self.startup_timeout
+        connector = aiohttp.TCPConnector(ssl=self.ssl_context())
+        async with aiohttp.ClientSession(connector=connector) as session:
+            while True:
+                if self._process.poll() is not None:
+                    raise RuntimeError(
+                        f"docker-registry exited with {self._process.returncode}:\n{self.log_tail()}"
+                    )
+                try:
+                    async with session.get(f"{self.url}/v2/") as response:
+                        if response.status == 401:
+                            return
+                        raise RuntimeError(f"GET /v2/ answered {response.status}, expected 401")
+                except aiohttp.ClientConnectionError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"docker-registry not ready on {self.url}:\n{self.log_tail()}")
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.to_thread(process.wait, 10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def access_log(self) -> list[AccessLogEntry]:
+        return parse_access_log(self.log.read_text(errors="replace"))
+
+    async def flush_log(self, timeout: float = 10.0) -> None:
+        """Return once requests completed before this call are in the access log."""
+        marker = f"shoal-log-barrier={uuid.uuid4().hex}"
+        connector = aiohttp.TCPConnector(ssl=self.ssl_context())
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get(f"{self.url}/v2/?{marker}") as response,
+        ):
+            await response.read()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while marker not in self.log.read_text(errors="replace"):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"barrier request never reached the registry log {self.log}")
+            await asyncio.sleep(0.01)
+
+    async def blob_gets(self, digest: str) -> list[AccessLogEntry]:
+        """Successful `GET /v2/<repo>/blobs/<digest>` (200 or 206), any repository."""
+        await self.flush_log()
+        suffix = f"/blobs/{digest}"
+        return [
+            entry
+            for entry in self.access_log()
+            if entry.method == "GET"
+            and entry.path.startswith("/v2/")
+            and entry.path.endswith(suffix)
+            and entry.status in (200, 206)
+        ]
+
+    async def blob_get_count(self, digest: str) -> int:
+        return len(await self.blob_gets(digest))
+
+    async def blob_bytes_sent(self, digest: str) -> int:
+        """Body bytes the registry wrote for this blob (registry egress for it)."""
+        return sum(entry.size for entry in await self.blob_gets(digest))
