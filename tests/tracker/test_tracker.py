@@ -231,6 +231,12 @@ async def test_publish_then_leechers_and_announce_keys(lab: Lab, tracker: Runnin
         other_hash = await announce(session, tracker, leecher.announce, b"\x01" * 20, 7003)
         assert b"another torrent" in other_hash[b"failure reason"]
 
+        scrape_url = leecher.announce.replace("/announce?", "/scrape?")
+        query = f"&info_hash={quote_from_bytes(info_hash)}&info_hash={quote_from_bytes(b'x' * 20)}"
+        async with session.get(scrape_url + query, ssl=tracker.ssl_context()) as resp:
+            files = bencoding.decode(await resp.read())[b"files"]
+        assert files == {info_hash: {b"complete": 1, b"incomplete": 1, b"downloaded": 0}}
+
 
 async def test_origin_lease_expires_and_next_joiner_is_promoted(lab: Lab, tracker: RunningTracker) -> None:
     async with tracker.client() as (client, _):
