@@ -1,0 +1,108 @@
+"""`shoal-node --config FILE`: load the config once, run until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from common.config import ConfigError, load_config, load_yaml, parse_address
+from common.logs import setup_logging
+from proxy.admin import NodeState, make_admin_app
+from proxy.blobs import BlobSource, UpstreamBlobSource
+from proxy.ca import LeafContexts, ca_files, node_ca
+from proxy.config import NodeConfig
+from proxy.metrics import NodeMetrics
+from proxy.server import ProxyServer
+from proxy.upstream import Upstream, open_upstream
+
+logger = logging.getLogger("proxy")
+
+
+def parse_args(argv: list[str]) -> NodeConfig:
+    parser = argparse.ArgumentParser(prog="shoal-node", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="YAML configuration file")
+    parser.add_argument("--listen", help='override "listen" (loopback "ip:port")')
+    parser.add_argument("--admin", help='override "admin" ("ip:port")')
+    parser.add_argument("--tracker", help='override "tracker" (URL)')
+    parser.add_argument("--node-id", help='override "node_id"')
+    parser.add_argument("--log-level", help='override "log_level"')
+    args = parser.parse_args(argv)
+    data = load_yaml(args.config)
+    overrides = {
+        "listen": args.listen,
+        "admin": args.admin,
+        "tracker": args.tracker,
+        "node_id": args.node_id,
+        "log_level": args.log_level,
+    }
+    data |= {key: value for key, value in overrides.items() if value is not None}
+    return load_config(NodeConfig, data)
+
+
+@contextlib.asynccontextmanager
+async def admin_serving(state: NodeState) -> AsyncIterator[None]:
+    host, port = parse_address(state.config.admin)
+    runner = web.AppRunner(make_admin_app(state), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    logger.info("admin listening", extra={"admin": state.config.admin})
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+BlobSourceFactory = Callable[[Upstream, NodeMetrics], BlobSource]
+
+
+async def run(config: NodeConfig, blob_source: BlobSourceFactory = UpstreamBlobSource) -> None:
+    """Serve until SIGTERM/SIGINT. `blob_source` builds what answers blob GET/HEADs; the default
+    streams every blob from the registry."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    metrics = NodeMetrics()
+    state = NodeState(config, metrics)
+    ca = node_ca(config.node_id)
+    leaves = LeafContexts(ca)
+    for registry in config.registries:  # the first handshake of each registry should be cheap too
+        leaves.context(registry.name)
+    hosts = [r.host for r in config.registries]
+    # Exit order matters: the proxy drains while /healthz says "stopping", then the admin
+    # endpoint goes, and the CA files are removed last.
+    with ca_files(ca, config.docker_certs_dir, hosts):
+        async with open_upstream(config.registries) as upstream, admin_serving(state):
+            proxy = ProxyServer(config, leaves, upstream, blob_source(upstream, metrics), metrics)
+            async with proxy.serving():
+                state.accepting = True
+                logger.info("node %s ready", config.node_id, extra={"registries": hosts})
+                await stop.wait()
+                state.stopping = True
+                logger.info("stopping: draining connections for up to %d s", config.shutdown_grace)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        sys.exit(f"shoal-node: config: {exc}")
+    setup_logging(config.log_level)
+    try:
+        uvloop.run(run(config))
+    except (OSError, ValueError) as exc:
+        logger.error("cannot start: %s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

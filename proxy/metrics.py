@@ -1,0 +1,49 @@
+"""Every Prometheus metric of the node, in one registry, prefixed `shoal_`."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter
+
+BLOB_SOURCES = ("p2p", "upstream", "cache")
+CONNECTION_ACTIONS = ("intercept", "tunnel", "plain", "reject", "refused")
+REQUEST_KINDS = ("blob", "manifest", "other")
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.blob_bytes = Counter(
+            "shoal_blob_bytes_total",
+            "Bytes of layer blobs sent to clients, by where they came from",
+            ["source"], registry=self.registry,
+        )  # fmt: skip
+        self.requests = Counter(
+            "shoal_proxy_requests_total",
+            "Registry requests answered inside intercepted or plain connections, by kind and status",
+            ["kind", "status"], registry=self.registry,
+        )  # fmt: skip
+        self.connections = Counter(
+            "shoal_proxy_connections_total",
+            "Proxy connections by what was done with them (refused: not a loopback client)",
+            ["action"], registry=self.registry,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "shoal_proxy_upstream_errors_total",
+            "Registry requests that failed before or while streaming the response",
+            registry=self.registry,
+        )  # fmt: skip
+        for source in BLOB_SOURCES:
+            self.blob_bytes.labels(source)
+        for action in CONNECTION_ACTIONS:
+            self.connections.labels(action)
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """Counter values by metric and label values, for /status."""
+        values: dict[str, dict[str, float]] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                label = ",".join(sample.labels.values()) or "value"
+                values.setdefault(sample.name, {})[label] = sample.value
+        return values
