@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
-import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import uvloop
 from aiohttp import web
 
-from common.config import ConfigError, load_config, load_yaml, parse_address
-from common.logs import setup_logging
+from common.config import load_config, load_yaml, parse_address
+from common.service import main_entry, stop_on_signals
 from proxy.admin import NodeState, make_admin_app
 from proxy.blobs import BlobSource, UpstreamBlobSource
 from proxy.ca import LeafContexts, ca_files, node_ca
@@ -67,10 +63,7 @@ BlobSourceFactory = Callable[[Upstream, NodeMetrics], BlobSource]
 async def run(config: NodeConfig, blob_source: BlobSourceFactory = UpstreamBlobSource) -> None:
     """Serve until SIGTERM/SIGINT. `blob_source` builds what answers blob GET/HEADs; the default
     streams every blob from the registry."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     metrics = NodeMetrics()
     state = NodeState(config, metrics)
     ca = node_ca(config.node_id)
@@ -92,16 +85,7 @@ async def run(config: NodeConfig, blob_source: BlobSourceFactory = UpstreamBlobS
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as exc:
-        sys.exit(f"shoal-node: config: {exc}")
-    setup_logging(config.log_level)
-    try:
-        uvloop.run(run(config))
-    except (OSError, ValueError) as exc:
-        logger.error("cannot start: %s", exc)
-        sys.exit(1)
+    main_entry("shoal-node", parse_args, run, argv)
 
 
 if __name__ == "__main__":

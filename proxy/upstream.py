@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from common.errors import BAD_GATEWAY, ApiError
+from common.tls import client_ssl_context
 from proxy.config import NodeRegistry
 from proxy.routing import forward_headers, origin_of, without
 
@@ -38,14 +39,6 @@ NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 class UpstreamBroken(ConnectionError):
     """The registry failed after the response had started: the client connection is cut."""
-
-
-def client_ssl_context(ca: str | None) -> ssl.SSLContext:
-    """System trust plus the operator's CA file for this registry; always verified."""
-    context = ssl.create_default_context()
-    if ca:
-        context.load_verify_locations(cafile=ca)
-    return context
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ssl
 from collections.abc import AsyncIterator
 from enum import Enum
 from typing import Protocol
@@ -11,6 +10,7 @@ from typing import Protocol
 import aiohttp
 
 from common.ids import Digest, Repository
+from common.tls import client_ssl_context
 from tracker.config import RegistryConfig
 
 
@@ -32,14 +32,6 @@ class BlobChecker(Protocol):
         digest: Digest,
         authorization: str | None,
     ) -> tuple[BlobAnswer, int | None]: ...
-
-
-def client_ssl_context(ca: str | None) -> ssl.SSLContext:
-    """System trust plus the operator's CA file for this registry; always verified."""
-    context = ssl.create_default_context()
-    if ca:
-        context.load_verify_locations(cafile=ca)
-    return context
 
 
 class HttpBlobChecker:

@@ -89,7 +89,8 @@ async def _upload_blob(session: aiohttp.ClientSession, base: str, repo: str, dat
     url = location if location.startswith("https://") else base + location
     sep = "&" if "?" in url else "?"
     headers = {"Content-Type": "application/octet-stream"}
-    async with session.put(f"{url}{sep}digest={digest}", data=data, headers=headers) as response:
+    body = io.BytesIO(data)  # aiohttp warns (an error here) on large raw bytes bodies
+    async with session.put(f"{url}{sep}digest={digest}", data=body, headers=headers) as response:
         if response.status != 201:
             raise RuntimeError(f"upload {digest} to {repo}: {response.status} {await response.text()}")
     return digest
