@@ -5,22 +5,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from common.config import load_config, load_yaml, parse_address
 from common.service import main_entry, stop_on_signals
+from common.tls import client_ssl_context
+from peer.config import PeerConfig
+from peer.engine import Peer
 from proxy.admin import NodeState, make_admin_app
 from proxy.blobs import BlobSource, UpstreamBlobSource
 from proxy.ca import LeafContexts, ca_files, node_ca
 from proxy.config import NodeConfig
 from proxy.metrics import NodeMetrics
+from proxy.p2p import P2PBlobSource
 from proxy.server import ProxyServer
 from proxy.upstream import Upstream, open_upstream
+from tracker.client import TrackerClient
 
 logger = logging.getLogger("proxy")
+
+TRACKER_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 
 
 def parse_args(argv: list[str]) -> NodeConfig:
@@ -57,12 +65,31 @@ async def admin_serving(state: NodeState) -> AsyncIterator[None]:
         await runner.cleanup()
 
 
-BlobSourceFactory = Callable[[Upstream, NodeMetrics], BlobSource]
+@contextlib.asynccontextmanager
+async def layer_source(config: NodeConfig, upstream: Upstream, state: NodeState) -> AsyncIterator[BlobSource]:
+    """The swarm (with its peer and tracker client) when a tracker is configured, else the registry."""
+    if config.tracker is None:
+        logger.warning("no tracker configured: every layer comes from the registry")
+        yield UpstreamBlobSource(upstream, state.metrics)
+        return
+    peer_config = PeerConfig(
+        cache_dir=config.cache_dir,
+        cache_max_bytes=config.cache_max_bytes,
+        peer_listen=config.peer_listen,
+        stall_timeout=config.stall_timeout,
+        upload_rate_limit=config.peer_upload_limit,
+    )
+    tracker_ssl = client_ssl_context(str(config.tracker_ca) if config.tracker_ca else None)
+    async with Peer(peer_config) as peer, aiohttp.ClientSession(timeout=TRACKER_TIMEOUT) as session:
+        logger.info("peer listening", extra={"port": peer.port, "tracker": config.tracker})
+        state.tracker = TrackerClient(session, config.tracker, tracker_ssl)
+        source = P2PBlobSource(config, peer, state.tracker, upstream, state.metrics)
+        state.blobs = source.status
+        yield source
 
 
-async def run(config: NodeConfig, blob_source: BlobSourceFactory = UpstreamBlobSource) -> None:
-    """Serve until SIGTERM/SIGINT. `blob_source` builds what answers blob GET/HEADs; the default
-    streams every blob from the registry."""
+async def run(config: NodeConfig) -> None:
+    """Serve until SIGTERM/SIGINT."""
     stop = stop_on_signals()
     metrics = NodeMetrics()
     state = NodeState(config, metrics)
@@ -74,8 +101,12 @@ async def run(config: NodeConfig, blob_source: BlobSourceFactory = UpstreamBlobS
     # Exit order matters: the proxy drains while /healthz says "stopping", then the admin
     # endpoint goes, and the CA files are removed last.
     with ca_files(ca, config.docker_certs_dir, hosts):
-        async with open_upstream(config.registries) as upstream, admin_serving(state):
-            proxy = ProxyServer(config, leaves, upstream, blob_source(upstream, metrics), metrics)
+        async with (
+            open_upstream(config.registries) as upstream,
+            admin_serving(state),
+            layer_source(config, upstream, state) as source,
+        ):
+            proxy = ProxyServer(config, leaves, upstream, source, metrics)
             async with proxy.serving():
                 state.accepting = True
                 logger.info("node %s ready", config.node_id, extra={"registries": hosts})

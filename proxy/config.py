@@ -64,6 +64,7 @@ class NodeConfig:
     cache_dir: Path = Path("/var/lib/shoal-node")  # verified blobs kept for seeding
     cache_max_bytes: Size = 50 * 2**30  # the cache evicts least recently used blobs beyond this
     peer_listen: Address = "0.0.0.0:6881"  # BitTorrent listen address for other nodes
+    peer_upload_limit: Size = 0  # bytes/s this node uploads to peers; 0 for no limit
     docker_certs_dir: Path = Path("/etc/docker/certs.d")  # where dockerd reads registry trust
     p2p_min_bytes: Size = 2**20  # smaller blobs always come straight from the registry
     stall_timeout: Duration = 20  # a swarm silent this long falls back to the registry

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import trustme
-
-from tests.support.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca
-from tests.support.registry import Registry
-from tests.support.token_server import TokenServer, User
-from tests.support.tokens import TokenIssuer
+from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca
+from lab.registry import Registry
+from lab.token_server import TokenServer, User
+from lab.tokens import TokenIssuer
 
 # Realm accounts of the `registry` fixture. Anonymous requests get a token with no access.
 USERS = {

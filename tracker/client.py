@@ -39,6 +39,7 @@ class JoinAnswer:
     lease: str | None = None  # origin
     lease_seconds: int | None = None  # origin
     retry_after: float | None = None  # wait
+    origin_bytes: int | None = None  # wait: the origin's progress; None when nobody is fetching
 
 
 class TrackerClient:
@@ -80,6 +81,17 @@ class TrackerClient:
     async def report(self, digest: Digest, reason: str, key: str, peer: str | None = None) -> None:
         body = {"reason": reason, "key": key} | ({"peer": peer} if peer else {})
         await self._call("POST", f"/v1/blobs/{digest}/report", json=body)
+
+    async def relay(self, path: str, query: str) -> bytes:
+        """Send a BitTorrent `/announce` or `/scrape` on for a local peer and return the bencoded
+        answer: libtorrent cannot be given `tracker_ca`, the node's own client can."""
+        try:
+            async with self._session.get(f"{self._url}{path}?{query}", ssl=self._ssl) as resp:
+                if resp.status != 200:
+                    raise TrackerUnavailable(f"GET {path}: tracker answered {resp.status}")
+                return await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TrackerUnavailable(f"GET {path}: {exc.__class__.__name__}: {exc}") from None
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:

@@ -122,7 +122,13 @@ async def _join(request: web.Request, tracker: Tracker) -> web.Response:
     tracker.metrics.joins.labels(decision.role.value).inc()
     logger.info("%s joins %s as %s", node, digest, decision.role.value)
     if decision.role is Role.WAIT:
-        return web.json_response({"role": "wait", "retry_after": round(decision.retry_after, 1)})
+        return web.json_response(
+            {
+                "role": "wait",
+                "retry_after": round(decision.retry_after, 1),
+                "origin_bytes": decision.origin_bytes,
+            }
+        )
     cert = issue_peer_cert(tracker.ca, csr, digest, node, dt.timedelta(seconds=config.peer_cert_ttl))
     expires_at = int(cert.not_valid_after_utc.timestamp())
     answer: dict[str, Any] = {

@@ -72,6 +72,7 @@ class Decision:
     role: Role
     lease: Lease | None = None
     retry_after: float = 0.0
+    origin_bytes: int | None = None  # wait: how far the origin has got, so waiters see progress
 
 
 class LeaseLost(Exception):
@@ -88,7 +89,8 @@ def decide_join(
     if lease is not None and lease.expires_at > now:
         if lease.node == node:
             return Decision(Role.ORIGIN, lease), state
-        return Decision(Role.WAIT, retry_after=min(lease.expires_at - now, 5.0)), state
+        wait = min(lease.expires_at - now, 5.0)
+        return Decision(Role.WAIT, retry_after=wait, origin_bytes=lease.bytes_done), state
     if node in state.barred:
         return Decision(Role.WAIT, retry_after=lease_seconds), state
     granted = Lease(node=node, token=token, expires_at=now + lease_seconds)

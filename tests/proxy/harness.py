@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from lab.registry import Registry, free_port
 from prometheus_client.parser import text_string_to_metric_families
-
-from tests.support.registry import Registry, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CA_FILE = "shoal-node-ca.crt"

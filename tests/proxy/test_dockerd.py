@@ -1,92 +1,39 @@
-"""The strongest test: a real dockerd pulls through the node from the real registry.
-
-dockerd runs in its own mount namespace with a private directory bind-mounted on /etc/docker, so
-its certs.d is the one the node writes to; it reaches the registry only through HTTPS_PROXY and
-never resolves the registry's name itself, so it really verifies the node's certificate.
-"""
+"""The strongest tests: real dockerd daemons pull through their nodes from the real registry."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
+import trustme
+from lab.dockerd import docker, dockerd, login_and_pull, require_tools
+from lab.images import push_image, random_tar_layer
+from lab.registry import Registry
 
-from tests.proxy.harness import node_config, registry_entry, run_node
-from tests.support.images import push_image, random_tar_layer
-from tests.support.registry import Registry
+from tests.proxy.harness import RunningNode, node_config, registry_entry, run_node
+from tests.proxy.test_p2p import swarm_node, tracker_entry
+from tests.tracker.harness import run_tracker, tracker_config
 
 REPO = "team/app"
 
 
-def require_tools() -> None:
-    missing = [tool for tool in ("dockerd", "docker", "containerd", "unshare") if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: apt-get install docker.io util-linux")
-    if os.geteuid() != 0:
-        pytest.fail("dockerd needs root (mount namespaces, its own data root): run the tests as root")
+def etc_docker_for(work: Path, registry: Registry) -> Path:
+    """A private /etc/docker whose certs.d holds the operator's trust for the registry: the token
+    realm (another host, tunnelled by the node) is verified by dockerd with it."""
+    etc_docker = work / "etc-docker"
+    (etc_docker / "certs.d" / registry.host).mkdir(parents=True)
+    shutil.copy(registry.ca_pem, etc_docker / "certs.d" / registry.host / "ca.crt")
+    return etc_docker
 
 
-@contextlib.asynccontextmanager
-async def dockerd(work: Path, etc_docker: Path, proxy_url: str) -> AsyncIterator[str]:
-    """dockerd with its own /etc/docker, data root and socket; yields the `-H` address."""
-    work.mkdir(parents=True, exist_ok=True)
-    # Unix socket paths have a 108-byte limit; pytest's tmp_path plus containerd's names exceed it.
-    short = Path(tempfile.mkdtemp(prefix="shoal-dockerd-", dir="/tmp"))
-    sock = short / "docker.sock"
-    log = (work / "dockerd.log").open("ab")
-    command = [
-        "unshare", "--mount", "--propagation", "private", "sh", "-c",
-        'mount --bind "$0" /etc/docker && exec "$@"', str(etc_docker),
-        "dockerd", "--host", f"unix://{sock}", "--data-root", str(work / "data"),
-        "--exec-root", str(short / "exec"), "--pidfile", str(work / "dockerd.pid"),
-        "--storage-driver=vfs", "--iptables=false", "--ip-masq=false", "--bridge=none",
-    ]  # fmt: skip
-    env = {"PATH": os.environ["PATH"], "HTTPS_PROXY": proxy_url, "HTTP_PROXY": proxy_url, "NO_PROXY": ""}
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    host = f"unix://{sock}"
-    try:
-        for _ in range(300):
-            if process.poll() is not None:
-                raise RuntimeError(f"dockerd exited with {process.returncode}:\n{tail(work / 'dockerd.log')}")
-            if (await docker(host, work, "version"))[0] == 0:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise RuntimeError(f"dockerd not ready:\n{tail(work / 'dockerd.log')}")
-        yield host
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, 30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        shutil.rmtree(short, ignore_errors=True)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-async def docker(host: str, work: Path, *args: str, stdin: bytes | None = None) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        "docker", "-H", host, *args,
-        env={"PATH": os.environ["PATH"], "DOCKER_CONFIG": str(work / "client")},
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(process.communicate(stdin), 120)
-    assert process.returncode is not None
-    return process.returncode, out.decode(errors="replace")
+async def image_id(host: str, work: Path, reference: str) -> str:
+    code, out = await docker(host, work, "image", "inspect", "--format", "{{.Id}}", reference)
+    assert code == 0, out
+    return out.strip()
 
 
 async def test_dockerd_pulls_through_node(registry: Registry, tmp_path: Path) -> None:
@@ -97,38 +44,61 @@ async def test_dockerd_pulls_through_node(registry: Registry, tmp_path: Path) ->
         random_tar_layer(10, seed=23),
     ]
     image = await push_image(registry, REPO, layers)
-    etc_docker = tmp_path / "etc-docker"
+    etc_docker = etc_docker_for(tmp_path, registry)
     certs = etc_docker / "certs.d"
-    (certs / registry.host).mkdir(parents=True)
-    # The operator's trust for this registry: the token realm (another host, tunnelled by the
-    # node) is verified by dockerd with it.
-    shutil.copy(registry.ca_pem, certs / registry.host / "ca.crt")
     config = node_config(tmp_path, [registry_entry(registry)], docker_certs_dir=str(certs))
     async with (
         run_node(tmp_path, config) as node,
         dockerd(tmp_path / "dockerd", etc_docker, node.proxy_url) as host,
     ):
         work = tmp_path / "dockerd"
-        code, out = await docker(
-            host,
-            work,
-            "login",
-            "--username",
-            "reader",
-            "--password-stdin",
-            registry.host,
-            stdin=b"reader-secret",
-        )
-        assert code == 0, out + tail(work / "dockerd.log") + node.log()
-        code, out = await docker(host, work, "pull", f"{registry.host}/{REPO}:latest")
-        assert code == 0, out + tail(work / "dockerd.log") + node.log()
-        assert image.manifest_digest in out
-        code, out = await docker(
-            host, work, "image", "inspect", "--format", "{{.Id}}", f"{registry.host}/{REPO}"
-        )
-        assert code == 0 and out.strip() == image.config_digest, out
+        reference = f"{registry.host}/{REPO}:latest"
+        out = await login_and_pull(host, work, registry.host, reference)
+        assert image.manifest_digest in out, out + node.log()
+        assert await image_id(host, work, reference) == image.config_digest
         for digest in image.layer_digests:
             assert await registry.blob_get_count(digest) == 1
         total = sum(len(layer) for layer in layers) + json.loads(image.manifest)["config"]["size"]
         assert await node.metric("shoal_blob_bytes_total", source="upstream") == total
     assert sorted(p.name for p in (certs / registry.host).iterdir()) == ["ca.crt"]
+
+
+@contextlib.asynccontextmanager
+async def node_with_dockerd(
+    work: Path, registry: Registry, tracker_url: str, tracker_ca: Path, name: str
+) -> AsyncIterator[tuple[RunningNode, str]]:
+    etc_docker = etc_docker_for(work / name, registry)
+    certs = str(etc_docker / "certs.d")
+    async with (
+        swarm_node(work, registry, tracker_url, tracker_ca, name, docker_certs_dir=certs) as node,
+        dockerd(work / name / "dockerd", etc_docker, node.proxy_url) as host,
+    ):
+        yield node, host
+
+
+async def test_two_dockerds_pull_at_once_and_the_registry_serves_each_layer_once(
+    registry: Registry, tmp_path: Path
+) -> None:
+    require_tools()
+    layers = [random_tar_layer(3_000_000, seed=31), random_tar_layer(2_000_000, seed=32)]
+    image = await push_image(registry, REPO, layers)
+    tls_ca = trustme.CA()
+    tracker_cfg = tracker_config(tmp_path, tls_ca, [tracker_entry(registry)], origin_lease=10)
+    reference = f"{registry.host}/{REPO}:latest"
+    async with (
+        run_tracker(tmp_path, tls_ca, tracker_cfg) as tracker,
+        node_with_dockerd(tmp_path, registry, tracker.url, tracker.ca_file, "node-a") as (node_a, host_a),
+        node_with_dockerd(tmp_path, registry, tracker.url, tracker.ca_file, "node-b") as (node_b, host_b),
+    ):
+        work_a, work_b = tmp_path / "node-a" / "dockerd", tmp_path / "node-b" / "dockerd"
+        await asyncio.gather(
+            login_and_pull(host_a, work_a, registry.host, reference),
+            login_and_pull(host_b, work_b, registry.host, reference),
+        )
+        for host, work in ((host_a, work_a), (host_b, work_b)):
+            assert await image_id(host, work, reference) == image.config_digest
+        for digest in image.layer_digests:
+            assert await registry.blob_get_count(digest) == 1, registry.log_tail()
+        layer_bytes = sum(len(layer) for layer in layers)
+        from_peers = [await node.metric("shoal_blob_bytes_total", source="p2p") for node in (node_a, node_b)]
+        assert sorted(from_peers)[1] == layer_bytes, (from_peers, node_a.log()[-3000:], node_b.log()[-3000:])

@@ -19,12 +19,12 @@ import pytest_asyncio
 import trustme
 from aiohttp import web
 from cryptography import x509
+from lab.pki import LOOPBACK, REGISTRY_NAME, issue_server_cert
+from lab.registry import free_port
 from yarl import URL
 
 from common.errors import Handler
 from tests.proxy.harness import REPO_ROOT, RunningNode, node_config, run_node
-from tests.support.pki import LOOPBACK, REGISTRY_NAME, issue_server_cert
-from tests.support.registry import free_port
 
 HEX = "b" * 64
 BLOB_PATH = f"/v2/team/app/blobs/sha256:{HEX}"

@@ -7,6 +7,7 @@ import pytest
 from common.config import load_config
 from common.ids import Digest, Repository
 from proxy.config import NodeConfig
+from proxy.p2p import WaitProgress, parse_range, via_relay
 from proxy.routing import (
     Action,
     BadRequest,
@@ -182,3 +183,36 @@ def test_origin_of(url: str, origin: str) -> None:
 def test_certs_dir_names() -> None:
     assert certs_dir_names("registry.example:5000") == ["registry.example:5000"]
     assert certs_dir_names("registry.example:443") == ["registry.example:443", "registry.example"]
+
+
+def test_waiting_gives_up_when_the_origin_stops_moving() -> None:
+    progress = WaitProgress(stall_timeout=10)
+    assert not progress.stalled(0, now=0)
+    assert not progress.stalled(100, now=9)  # moved: the clock restarts
+    assert not progress.stalled(100, now=18)
+    assert progress.stalled(100, now=19)
+    nobody = WaitProgress(stall_timeout=10)
+    assert not nobody.stalled(None, now=0)
+    assert nobody.stalled(None, now=10)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [(None, None), ("bytes=0-", (0, 100)), ("bytes=10-19", (10, 20)), ("bytes=90-500", (90, 100))],
+)
+def test_ranges_the_node_serves_itself(header: str | None, expected: tuple[int, int] | None) -> None:
+    assert parse_range(header, 100) == expected
+
+
+@pytest.mark.parametrize(
+    "header", ["bytes=100-", "bytes=5-1", "bytes=-10", "bytes=0-1,5-6", "items=0-1", "bytes=x-"]
+)
+def test_other_ranges_are_left_to_the_registry(header: str) -> None:
+    with pytest.raises(ValueError):
+        parse_range(header, 100)
+
+
+def test_announces_go_through_the_local_relay() -> None:
+    url = "https://tracker.example:8443/announce?shoal_key=n~ab~1~cd"
+    assert via_relay(url, "127.0.0.1:65002") == "http://127.0.0.1:65002/announce?shoal_key=n~ab~1~cd"
+    assert via_relay(url, "0.0.0.0:65002") == "http://127.0.0.1:65002/announce?shoal_key=n~ab~1~cd"

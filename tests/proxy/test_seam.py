@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from lab.registry import Registry, free_port
 
 from common.config import load_config
 from proxy.blobs import BlobRequest
@@ -18,7 +19,6 @@ from proxy.config import NodeConfig
 from proxy.metrics import NodeMetrics
 from proxy.server import ProxyServer
 from proxy.upstream import open_upstream
-from tests.support.registry import Registry, free_port
 
 REPO = "team/app"
 HEX = "d" * 64

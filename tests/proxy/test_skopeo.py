@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from lab.images import push_image, random_tar_layer
+from lab.registry import Registry
 
 from tests.proxy.harness import node_config, registry_entry, run_node
-from tests.support.images import push_image, random_tar_layer
-from tests.support.registry import Registry
 
 REPO = "team/app"
 

@@ -28,8 +28,8 @@ def test_first_joiner_is_origin_and_others_wait() -> None:
     assert role is Role.ORIGIN
     assert state.lease == Lease("a", "t-new", LEASE)
     assert state.size == 1000
-    role_b, _ = join(state, "b", now=1)
-    assert role_b is Role.WAIT
+    decision, _ = decide_join(state, "b", 1000, "t", 1, LEASE)
+    assert decision.role is Role.WAIT and decision.origin_bytes == 0
     role_a, again = join(state, "a", now=2, token="other")
     assert role_a is Role.ORIGIN and again.lease is not None and again.lease.token == "t-new"
 
@@ -70,7 +70,8 @@ def test_withdraw_bars_publisher_and_next_joiner_is_origin() -> None:
     _, state = join(BlobState(), "a", now=0)
     state = withdraw(publish(state, "t-new", b"meta", "ab" * 20, now=1))
     assert state.torrent is None and state.barred == {"a"}
-    assert join(state, "a", now=2)[0] is Role.WAIT
+    barred, _ = decide_join(state, "a", 1000, "t", 2, LEASE)
+    assert barred.role is Role.WAIT and barred.origin_bytes is None
     role, state = join(state, "b", now=2)
     assert role is Role.ORIGIN and state.lease is not None and state.lease.node == "b"
 

@@ -17,17 +17,17 @@ import pytest
 import pytest_asyncio
 import trustme
 from cryptography import x509
+from lab.images import push_image
+from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca
+from lab.registry import Registry
+from lab.token_server import TokenServer
+from lab.tokens import TokenIssuer
 
 from common import bencoding
 from common.certs import make_csr, new_key
 from common.ids import Digest, NodeId, Repository
 from tests.common.test_certs import corrupt_signature
 from tests.conftest import USERS
-from tests.support.images import push_image
-from tests.support.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca
-from tests.support.registry import Registry
-from tests.support.token_server import TokenServer
-from tests.support.tokens import TokenIssuer
 from tests.tracker.harness import RunningTracker, redis_server, run_tracker, tracker_config
 from tests.tracker.torrents import make_metainfo
 from tracker.client import JoinAnswer, TrackerClient, TrackerRefused

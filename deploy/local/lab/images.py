@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.support.registry import Registry
+from lab.registry import Registry
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 IMAGE_CONFIG = "application/vnd.docker.container.image.v1+json"

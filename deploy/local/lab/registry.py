@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,8 +24,8 @@ import aiohttp
 import trustme
 import yaml
 
-from tests.support.pki import LOOPBACK, REGISTRY_NAME, issue_server_cert, write_ca
-from tests.support.tokens import TokenIssuer
+from lab.pki import LOOPBACK, REGISTRY_NAME, issue_server_cert, write_ca
+from lab.tokens import TokenIssuer
 
 BINARY = Path("/usr/bin/docker-registry")
 
@@ -79,20 +80,30 @@ class Registry:
         *,
         port: int | None = None,
         startup_timeout: float = 20.0,
+        listen_ip: str = LOOPBACK,
+        url: str | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> None:
+        """`listen_ip`, `url` and `command_prefix` place it elsewhere, e.g. in a lab namespace:
+        it listens on `listen_ip:port`, runs under `command_prefix` (`ip netns exec NS`), and the
+        tests reach it at `url` (default `https://127.0.0.1:<port>`)."""
         if not BINARY.exists():
             raise RuntimeError(f"{BINARY} not found: install Debian package docker-registry")
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.port = port if port is not None else free_port()
         self.host = f"{REGISTRY_NAME}:{self.port}"
-        self.url = f"https://{LOOPBACK}:{self.port}"
+        self.listen_ip = listen_ip
+        self.url = url if url is not None else f"https://{LOOPBACK}:{self.port}"
+        self.command_prefix = list(command_prefix)
         self.issuer = issuer
         self.service = issuer.service
         self.issuer_name = issuer.issuer_name
         self.realm = realm
         self.ca_pem = write_ca(ca, workdir / "ca.crt")
-        self.tls = issue_server_cert(ca, workdir, "registry", REGISTRY_NAME, LOOPBACK)
+        self.tls = issue_server_cert(
+            ca, workdir, "registry", *dict.fromkeys((REGISTRY_NAME, LOOPBACK, listen_ip))
+        )
         self.certs_bundle = issuer.write_bundle(workdir / "token-certs.pem")
         self.storage = workdir / "storage"
         self.log = workdir / "registry.log"
@@ -114,7 +125,7 @@ class Registry:
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
             "http": {
-                "addr": f"{LOOPBACK}:{self.port}",
+                "addr": f"{self.listen_ip}:{self.port}",
                 "secret": secrets.token_hex(16),
                 "tls": {"certificate": str(self.tls.cert), "key": str(self.tls.key)},
             },
@@ -132,7 +143,7 @@ class Registry:
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(
-                [str(BINARY), "serve", str(self.config_path)],
+                [*self.command_prefix, str(BINARY), "serve", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -15,9 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
-
-from tests.conftest import USERS
-from tests.support.images import (
+from lab.images import (
     LAYER_TAR,
     LAYER_TAR_GZIP,
     MANIFEST_V2,
@@ -25,10 +23,12 @@ from tests.support.images import (
     random_tar_layer,
     sha256_digest,
 )
-from tests.support.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert
-from tests.support.registry import Registry
-from tests.support.token_server import TokenServer, grant, write_config
-from tests.support.tokens import TokenIssuer, new_signing_key
+from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert
+from lab.registry import Registry
+from lab.token_server import TokenServer, grant, write_config
+from lab.tokens import TokenIssuer, new_signing_key
+
+from tests.conftest import USERS
 
 REPO = "team/app"
 
@@ -211,9 +211,9 @@ async def token_server_process(
     config = write_config(
         tmp_path / "realm.json", token_issuer, tls, {"reader": USERS["reader"]}, {"public": ["pull"]}
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "deploy" / "local")}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.support.token_server", "--config", str(config),
+        sys.executable, "-m", "lab.token_server", "--config", str(config),
         stdout=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     assert process.stdout is not None

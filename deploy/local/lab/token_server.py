@@ -6,7 +6,7 @@ The token grants the intersection of what was asked and what the user (or, witho
 the "anonymous" entry) is configured for; bad credentials get 401.
 
 In process: `async with TokenServer(issuer, tls, users) as server: server.realm`.
-As a process (the dockerd lab): `python -m tests.support.token_server --config FILE`, where FILE
+As a process (the dockerd lab): `python -m lab.token_server --config FILE`, where FILE
 is written by `write_config`; it prints `listening on <url>` once it accepts connections.
 """
 
@@ -26,8 +26,8 @@ from types import TracebackType
 
 from aiohttp import web
 
-from tests.support.pki import ServerCert
-from tests.support.tokens import TokenIssuer
+from lab.pki import ServerCert
+from lab.tokens import TokenIssuer
 
 ANY = "*"
 
@@ -173,7 +173,7 @@ def write_config(
     listen: str = "127.0.0.1:0",
     expires_in: int = 300,
 ) -> Path:
-    """The JSON config for `python -m tests.support.token_server`; the signing key goes beside it."""
+    """The JSON config for `python -m lab.token_server`; the signing key goes beside it."""
     key = issuer.write_key(path.with_name(path.stem + "-signing.key"))
     cert = issuer.write_bundle(path.with_name(path.stem + "-signing.crt"))
     config = {
@@ -225,7 +225,7 @@ async def serve(config: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.support.token_server")
+    parser = argparse.ArgumentParser(prog="python -m lab.token_server")
     parser.add_argument("--config", type=Path, required=True)
     args = parser.parse_args(argv)
     asyncio.run(serve(args.config))

@@ -1,0 +1,179 @@
+"""Layers through the swarm: real registry, real tracker, several real `shoal-node` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+from lab.images import PushedImage, push_image
+from lab.registry import Registry, free_port
+
+from tests.proxy.harness import RunningNode, node_config, registry_entry, run_node
+from tests.tracker.harness import RunningTracker, run_tracker, tracker_config
+
+REPO = "team/app"
+LAYER = hashlib.sha256(b"seed").digest() * (3 * 2**20 // 32)  # 3 MiB: over p2p_min_bytes
+
+
+def tracker_entry(registry: Registry) -> dict[str, Any]:
+    return registry_entry(registry) | {
+        "token": {
+            "issuer": registry.issuer_name,
+            "service": registry.service,
+            "certs": str(registry.certs_bundle),
+        }
+    }
+
+
+@contextlib.asynccontextmanager
+async def swarm_node(
+    work: Path, registry: Registry, tracker_url: str, tracker_ca: Path, name: str, **overrides: Any
+) -> AsyncIterator[RunningNode]:
+    directory = work / name
+    directory.mkdir(exist_ok=True)
+    config = node_config(
+        directory, [registry_entry(registry)], node_id=name, tracker=tracker_url,
+        tracker_ca=str(tracker_ca), peer_listen=f"127.0.0.1:{free_port()}", p2p_min_bytes=2**20,
+        stall_timeout=5, **overrides,
+    )  # fmt: skip
+    async with run_node(directory, config) as node:
+        yield node
+
+
+async def pull_blob(node: RunningNode, registry: Registry, digest: str, token: str) -> bytes:
+    trust = ssl.create_default_context(cafile=str(node.ca_file(registry.host)))
+    url = f"https://{registry.host}/v2/{REPO}/blobs/{digest}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            url, headers={"Authorization": f"Bearer {token}"}, proxy=node.proxy_url, ssl=trust
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Docker-Content-Digest"] == digest
+        return await resp.read()
+
+
+@contextlib.asynccontextmanager
+async def lab(registry: Registry, work: Path) -> AsyncIterator[tuple[RunningTracker, PushedImage, str]]:
+    image = await push_image(registry, REPO, [LAYER])
+    tls_ca = trustme.CA()
+    config = tracker_config(work, tls_ca, [tracker_entry(registry)], origin_lease=5)
+    async with run_tracker(work, tls_ca, config) as tracker:
+        yield tracker, image, registry.issuer.token({REPO: ["pull"]})
+
+
+async def test_second_node_gets_the_layer_from_the_first(registry: Registry, tmp_path: Path) -> None:
+    async with lab(registry, tmp_path) as (tracker, image, token):
+        digest = image.layer_digests[0]
+        async with (
+            swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "node-a") as first,
+            swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "node-b") as second,
+        ):
+            assert await pull_blob(first, registry, digest, token) == LAYER
+            assert await first.metric("shoal_blob_bytes_total", source="upstream") == len(LAYER)
+            await wait_published(first)
+            assert await pull_blob(second, registry, digest, token) == LAYER
+            assert await second.metric("shoal_blob_bytes_total", source="p2p") == len(LAYER)
+            assert await second.metric("shoal_blob_bytes_total", source="upstream") == 0
+            assert await pull_blob(second, registry, digest, token) == LAYER  # now from its cache
+            assert await second.metric("shoal_blob_bytes_total", source="cache") == len(LAYER)
+            async with aiohttp.ClientSession() as session, session.get(f"{second.admin_url}/status") as resp:
+                blobs = (await resp.json())["blobs"]
+            (torrent,) = blobs
+            assert torrent["name"] == "sha256-" + digest.removeprefix("sha256:")
+            assert torrent["progress"] == 1.0
+        assert await registry.blob_get_count(digest) == 1
+
+
+async def wait_published(node: RunningNode) -> None:
+    for _ in range(100):
+        if "published and seeding" in node.log():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"origin never published:\n{node.log()}")
+
+
+async def test_concurrent_pulls_on_one_node_fetch_once(registry: Registry, tmp_path: Path) -> None:
+    async with lab(registry, tmp_path) as (tracker, image, token):
+        digest = image.layer_digests[0]
+        async with swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "node-a") as node:
+            bodies = await asyncio.gather(*(pull_blob(node, registry, digest, token) for _ in range(10)))
+            assert all(body == LAYER for body in bodies)
+        assert await registry.blob_get_count(digest) == 1
+
+
+async def test_tracker_down_pull_still_succeeds(registry: Registry, tmp_path: Path) -> None:
+    image = await push_image(registry, REPO, [LAYER])
+    token = registry.issuer.token({REPO: ["pull"]})
+    nowhere = f"https://127.0.0.1:{free_port()}"
+    async with swarm_node(tmp_path, registry, nowhere, registry.ca_pem, "node-a") as node:
+        assert await pull_blob(node, registry, image.layer_digests[0], token) == LAYER
+        assert await node.metric("shoal_blob_bytes_total", source="upstream") == len(LAYER)
+
+
+async def test_refused_join_leaves_the_answer_to_the_registry(registry: Registry, tmp_path: Path) -> None:
+    async with lab(registry, tmp_path) as (tracker, image, _):
+        other = registry.issuer.token({"team/other": ["pull"]})
+        async with swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "node-a") as node:
+            trust = ssl.create_default_context(cafile=str(node.ca_file(registry.host)))
+            url = f"https://{registry.host}/v2/{REPO}/blobs/{image.layer_digests[0]}"
+            headers = {"Authorization": f"Bearer {other}"}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(url, headers=headers, proxy=node.proxy_url, ssl=trust) as resp,
+            ):
+                assert resp.status == 401
+                assert (await resp.json())["errors"][0]["code"] == "UNAUTHORIZED"
+
+
+@pytest.mark.parametrize("header", ["bytes=1000-", "bytes=5-99"])
+async def test_range_requests(registry: Registry, tmp_path: Path, header: str) -> None:
+    async with lab(registry, tmp_path) as (tracker, image, token):
+        digest = image.layer_digests[0]
+        async with swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "node-a") as node:
+            trust = ssl.create_default_context(cafile=str(node.ca_file(registry.host)))
+            url = f"https://{registry.host}/v2/{REPO}/blobs/{digest}"
+            headers = {"Authorization": f"Bearer {token}", "Range": header}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(url, headers=headers, proxy=node.proxy_url, ssl=trust) as resp,
+            ):
+                body = await resp.read()
+            first, _, last = header.removeprefix("bytes=").partition("-")
+            expected = LAYER[int(first) : int(last) + 1 if last else None]
+            assert resp.status == 206 and body == expected
+
+
+async def test_seeder_killed_mid_transfer_pull_still_succeeds(registry: Registry, tmp_path: Path) -> None:
+    big = hashlib.sha256(b"big").digest() * (8 * 2**20 // 32)
+    image = await push_image(registry, REPO, [big])
+    digest = image.layer_digests[0]
+    token = registry.issuer.token({REPO: ["pull"]})
+    tls_ca = trustme.CA()
+    config = tracker_config(tmp_path, tls_ca, [tracker_entry(registry)])
+    async with (
+        run_tracker(tmp_path, tls_ca, config) as tracker,
+        swarm_node(
+            tmp_path, registry, tracker.url, tracker.ca_file, "seeder", peer_upload_limit=2**20
+        ) as seeder,
+        swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "leecher") as leecher,
+    ):
+        assert await pull_blob(seeder, registry, digest, token) == big
+        await wait_published(seeder)
+        pull = asyncio.ensure_future(pull_blob(leecher, registry, digest, token))
+        while await leecher.metric("shoal_blob_bytes_total", source="p2p") == 0:
+            await asyncio.sleep(0.2)
+        seeder.process.kill()
+        assert await pull == big
+        from_peers = await leecher.metric("shoal_blob_bytes_total", source="p2p")
+        from_registry = await leecher.metric("shoal_blob_bytes_total", source="upstream")
+        assert 0 < from_peers < len(big) and from_peers + from_registry == len(big)
