@@ -40,6 +40,7 @@ class Blob:
         self.digest = digest
         self.torrent = torrent
         self.size = torrent.size
+        self.announce = credentials.announce
         self.not_after = credentials.not_after
         self._peer = peer
         self._complete: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
@@ -72,7 +73,8 @@ class Blob:
                 yield chunk
 
     def connect(self, host: str, port: int) -> None:
-        """Dial a peer directly (tests, benchmarks); in a cluster peers come from the tracker."""
+        """Dial a peer (dialled on libtorrent's one-second tick): the node's announcer dials the
+        peers the tracker names; libtorrent itself talks to no tracker."""
         self.torrent.connect(host, port)
 
 
@@ -111,6 +113,9 @@ class Peer:
     @property
     def port(self) -> int:
         return self._session.port
+
+    def blobs(self) -> list[Blob]:
+        return list(self._blobs.values())
 
     def get(self, digest: Digest) -> Blob | None:
         return self._blobs.get(digest)
@@ -193,7 +198,6 @@ class Peer:
                 file,
                 credentials.cert_pem,
                 credentials.key_pem,
-                trackers=[credentials.announce],
                 seed=seed,
             )
         except BaseException:

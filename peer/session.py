@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import libtorrent as lt
 
+from common.ids import InfoHash
 from peer.config import PeerConfig
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,9 @@ class Torrent:
     def __init__(self, info: lt.torrent_info) -> None:
         self.handle = lt.torrent_handle()  # set once added; alerts may arrive before that
         self.name: str = info.name()
-        self.size: int = info.total_size()
+        # The one file's size: total_size() counts the tail padding of v2 torrents.
+        self.size: int = info.layout().file_size(0)
+        self.info_hash = InfoHash.from_v2(info.info_hashes().v2.to_bytes())
         self.piece_size: int = info.piece_length()
         self.num_pieces: int = info.num_pieces()
         self.last_progress = time.monotonic()
@@ -215,6 +218,12 @@ class Torrent:
         """Dial a peer directly (tests, benchmarks); in a cluster peers come from the tracker."""
         with _translated(self.name):
             self.handle.connect_peer((host, port))
+
+    def left(self) -> int:
+        """Bytes still missing, as an announce's `left` reports them."""
+        with _translated(self.name):
+            s = self.handle.status()
+        return max(0, int(s.total_wanted) - int(s.total_wanted_done))
 
     def status(self) -> Status:
         with _translated(self.name):
@@ -326,7 +335,7 @@ class Session:
         return self._torrents.get(name)
 
     async def add(
-        self, metainfo: bytes, file: Path, cert_pem: bytes, key_pem: bytes, *, trackers: list[str], seed: bool
+        self, metainfo: bytes, file: Path, cert_pem: bytes, key_pem: bytes, *, seed: bool
     ) -> Torrent:
         """Add a torrent whose one file is `file`; with `seed`, trust the file without a check.
 
@@ -342,7 +351,6 @@ class Session:
         params.ti = info
         params.save_path = str(file.parent)
         params.renamed_files = {0: str(file)}  # an absolute path: the blob's own name on disk
-        params.trackers = trackers
         params.flags = (params.flags & ~TORRENT_FLAGS_OFF) | TORRENT_FLAGS_ON
         if seed:
             params.flags |= lt.torrent_flags.seed_mode

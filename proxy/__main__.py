@@ -13,10 +13,12 @@ from aiohttp import web
 
 from common.config import load_config, load_yaml, parse_address
 from common.service import main_entry, stop_on_signals
+from common.tasks import spawn
 from common.tls import client_ssl_context
 from peer.config import PeerConfig
 from peer.engine import Peer
 from proxy.admin import NodeState, make_admin_app
+from proxy.announcer import Announcer
 from proxy.blobs import BlobSource, UpstreamBlobSource
 from proxy.ca import LeafContexts, ca_files, node_ca
 from proxy.config import NodeConfig
@@ -82,10 +84,14 @@ async def layer_source(config: NodeConfig, upstream: Upstream, state: NodeState)
     tracker_ssl = client_ssl_context(str(config.tracker_ca) if config.tracker_ca else None)
     async with Peer(peer_config) as peer, aiohttp.ClientSession(timeout=TRACKER_TIMEOUT) as session:
         logger.info("peer listening", extra={"port": peer.port, "tracker": config.tracker})
-        state.tracker = TrackerClient(session, config.tracker, tracker_ssl)
-        source = P2PBlobSource(config, peer, state.tracker, upstream, state.metrics)
+        tracker = TrackerClient(session, config.tracker, tracker_ssl)
+        source = P2PBlobSource(config, peer, tracker, upstream, state.metrics)
         state.blobs = source.status
-        yield source
+        announcing = spawn(Announcer(peer, tracker).run(), name="announcer")
+        try:
+            yield source
+        finally:
+            announcing.cancel()
 
 
 async def run(config: NodeConfig) -> None:

@@ -10,12 +10,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from common import bencoding, errors
+from common import errors
 from common.errors import ApiError
 from common.logs import access_log_middleware
 from proxy.config import NodeConfig
 from proxy.metrics import NodeMetrics
-from tracker.client import TrackerClient, TrackerUnavailable
 
 
 @dataclass
@@ -25,7 +24,6 @@ class NodeState:
     started: float = field(default_factory=time.monotonic)
     accepting: bool = False  # the proxy listener is up
     stopping: bool = False
-    tracker: TrackerClient | None = None  # set once the swarm path is up: announces go through it
     blobs: Callable[[], list[dict[str, Any]]] = list  # what the swarm path holds, for /status
 
     def status(self) -> dict[str, Any]:
@@ -60,24 +58,10 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE].status())
 
 
-async def tracker_relay(request: web.Request) -> web.Response:
-    """The local peer's announces and scrapes, on to the tracker over the node's verified TLS."""
-    tracker = request.app[STATE].tracker
-    if tracker is None:
-        raise ApiError(errors.UNAVAILABLE, "no tracker configured")
-    try:
-        body = await tracker.relay(request.path, request.query_string)
-    except TrackerUnavailable as exc:
-        body = bencoding.encode({b"failure reason": f"tracker unreachable: {exc}".encode()})
-    return web.Response(body=body, content_type="text/plain")
-
-
 def make_admin_app(state: NodeState) -> web.Application:
     app = web.Application(middlewares=[access_log_middleware, errors.error_middleware])
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
-    app.router.add_get("/announce", tracker_relay)
-    app.router.add_get("/scrape", tracker_relay)
     return app

@@ -22,7 +22,6 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from common.certs import key_pem, make_csr, new_key
-from common.config import parse_address
 from common.ids import Digest, NodeId
 from common.tasks import spawn
 from peer.cache import Credentials, DigestMismatch
@@ -46,15 +45,6 @@ ORIGIN_FAILURES = (DigestMismatch, UpstreamBroken, OSError, PeerError, TrackerUn
 
 class P2PFailed(Exception):
     """The peer-to-peer path cannot deliver the rest; the registry will."""
-
-
-def via_relay(announce: str, admin: str) -> str:
-    """The tracker's announce URL, pointed at this node's relay on its admin endpoint (loopback
-    when `admin` listens on every address); the query, with its announce key, stays as it was."""
-    host, port = parse_address(admin)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    _, _, query = announce.partition("?")
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/announce?{query}"
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -306,8 +296,7 @@ class P2PBlobSource:
         assert answer.cert is not None and answer.ca is not None
         if answer.role == "leecher":
             assert answer.torrent is not None and answer.announce is not None
-            announce = via_relay(answer.announce, self._config.admin)
-            credentials = Credentials(answer.cert.encode(), key_pem(key), announce)
+            credentials = Credentials(answer.cert.encode(), key_pem(key), answer.announce)
             try:
                 return LeechFetch(await self._peer.fetch(blob.digest, answer.torrent, credentials))
             except PeerError as exc:
@@ -338,9 +327,7 @@ class P2PBlobSource:
             await self._download(blob, fetch)
             await self._peer.commit(blob.digest, fetch.path)  # type: ignore[arg-type]
             metainfo = await self._peer.make_metainfo(blob.digest, answer.ca.encode())
-            announce = via_relay(
-                await self._tracker.publish(blob.digest, lease, metainfo), self._config.admin
-            )
+            announce = await self._tracker.publish(blob.digest, lease, metainfo)
             await self._peer.seed(blob.digest, metainfo, Credentials(answer.cert.encode(), key, announce))
             logger.info("published and seeding", extra={"digest": str(blob.digest), "bytes": fetch.size})
         except (

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import ssl
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote_from_bytes
 
 import aiohttp
 
-from common.ids import Digest, NodeId, Repository
+from common import bencoding
+from common.ids import Digest, InfoHash, NodeId, Repository
 
 LEASE_HEADER = "Shoal-Lease"  # carries the origin lease token on PUT .../torrent
 
@@ -40,6 +43,26 @@ class JoinAnswer:
     lease_seconds: int | None = None  # origin
     retry_after: float | None = None  # wait
     origin_bytes: int | None = None  # wait: the origin's progress; None when nobody is fetching
+
+
+@dataclass(frozen=True)
+class Announced:
+    peers: list[tuple[str, int]]
+    interval: int
+
+
+def _compact_peers(raw: object, version: int) -> list[tuple[str, int]]:
+    """Compact peers (BEP 23 for IPv4, BEP 7 for IPv6): address then 2-byte port, each."""
+    if not isinstance(raw, bytes):
+        return []
+    width = 6 if version == 4 else 18
+    return [
+        (
+            str(ipaddress.ip_address(raw[i : i + width - 2])),
+            int.from_bytes(raw[i + width - 2 : i + width], "big"),
+        )
+        for i in range(0, len(raw) - width + 1, width)
+    ]
 
 
 class TrackerClient:
@@ -82,16 +105,22 @@ class TrackerClient:
         body = {"reason": reason, "key": key} | ({"peer": peer} if peer else {})
         await self._call("POST", f"/v1/blobs/{digest}/report", json=body)
 
-    async def relay(self, path: str, query: str) -> bytes:
-        """Send a BitTorrent `/announce` or `/scrape` on for a local peer and return the bencoded
-        answer: libtorrent cannot be given `tracker_ca`, the node's own client can."""
+    async def announce(self, url: str, info_hash: InfoHash, port: int, left: int) -> Announced:
+        """One BitTorrent announce (BEP 3, compact) to `url`, the announce URL a join or publish
+        returned, over this client's verified TLS; the peers the tracker names."""
+        query = f"&info_hash={quote_from_bytes(info_hash.raw)}&port={port}&left={left}&compact=1&numwant=50"
         try:
-            async with self._session.get(f"{self._url}{path}?{query}", ssl=self._ssl) as resp:
-                if resp.status != 200:
-                    raise TrackerUnavailable(f"GET {path}: tracker answered {resp.status}")
-                return await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TrackerUnavailable(f"GET {path}: {exc.__class__.__name__}: {exc}") from None
+            async with self._session.get(url + query, ssl=self._ssl) as resp:
+                body = await resp.read()
+            reply = bencoding.decode(body)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise TrackerUnavailable(f"announce: {exc.__class__.__name__}: {exc}") from None
+        if not isinstance(reply, dict) or b"failure reason" in reply:
+            reason = reply.get(b"failure reason", b"?") if isinstance(reply, dict) else b"not a dictionary"
+            raise TrackerRefused(resp.status, "ANNOUNCE_FAILED", bytes(reason).decode(errors="replace"))
+        peers = _compact_peers(reply.get(b"peers"), 4) + _compact_peers(reply.get(b"peers6"), 6)
+        interval = reply.get(b"interval")
+        return Announced(peers, interval if isinstance(interval, int) and interval > 0 else 30)
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:

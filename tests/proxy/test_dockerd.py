@@ -100,5 +100,6 @@ async def test_two_dockerds_pull_at_once_and_the_registry_serves_each_layer_once
         for digest in image.layer_digests:
             assert await registry.blob_get_count(digest) == 1, registry.log_tail()
         layer_bytes = sum(len(layer) for layer in layers)
+        # Each layer came once from the registry (to its origin node) and once from a peer.
         from_peers = [await node.metric("shoal_blob_bytes_total", source="p2p") for node in (node_a, node_b)]
-        assert sorted(from_peers)[1] == layer_bytes, (from_peers, node_a.log()[-3000:], node_b.log()[-3000:])
+        assert sum(from_peers) == layer_bytes, (from_peers, node_a.log()[-3000:], node_b.log()[-3000:])

@@ -7,7 +7,7 @@ import pytest
 from common.config import load_config
 from common.ids import Digest, Repository
 from proxy.config import NodeConfig
-from proxy.p2p import WaitProgress, parse_range, via_relay
+from proxy.p2p import WaitProgress, parse_range
 from proxy.routing import (
     Action,
     BadRequest,
@@ -212,7 +212,20 @@ def test_other_ranges_are_left_to_the_registry(header: str) -> None:
         parse_range(header, 100)
 
 
-def test_announces_go_through_the_local_relay() -> None:
-    url = "https://tracker.example:8443/announce?shoal_key=n~ab~1~cd"
-    assert via_relay(url, "127.0.0.1:65002") == "http://127.0.0.1:65002/announce?shoal_key=n~ab~1~cd"
-    assert via_relay(url, "0.0.0.0:65002") == "http://127.0.0.1:65002/announce?shoal_key=n~ab~1~cd"
+def test_announce_schedule() -> None:
+    from common.ids import Digest
+    from proxy.announcer import Schedule
+
+    a, b = Digest("a" * 64), Digest("b" * 64)
+    schedule = Schedule()
+    assert schedule.pending([a, b], now=0) == [a, b]  # new torrents announce at once
+    schedule.answered(a, now=0, interval=30, peers=0, seeding=False)  # hungry leecher: soon again
+    schedule.answered(b, now=0, interval=30, peers=0, seeding=True)  # a seeder waits for others
+    assert schedule.pending([a, b], now=1) == []
+    assert schedule.pending([a, b], now=2) == [a]
+    schedule.answered(a, now=2, interval=30, peers=5, seeding=False)
+    assert schedule.pending([a, b], now=30) == [b]
+    schedule.failed(b, now=30)
+    assert schedule.pending([a, b], now=31) == []  # a failure is retried a few seconds later
+    assert schedule.pending([a], now=31) == []  # b left the peer: forgotten ...
+    assert schedule.pending([a, b], now=31) == [b]  # ... and new again when it comes back
