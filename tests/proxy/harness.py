@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from lab.cluster import admin_metric
 from lab.registry import Registry, free_port
-from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CA_FILE = "shoal-node-ca.crt"
@@ -37,13 +37,10 @@ class RunningNode:
         return self.certs_dir / host / CA_FILE
 
     async def metric(self, name: str, **labels: str) -> float:
-        async with aiohttp.ClientSession() as session, session.get(f"{self.admin_url}/metrics") as response:
-            text = await response.text()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        raise AssertionError(f"no {name}{labels} in /metrics:\n{text}")
+        value, text = await admin_metric(self.admin_url, name, **labels)
+        if value is None:
+            raise AssertionError(f"no {name}{labels} in /metrics:\n{text}")
+        return value
 
     async def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.process.poll() is None:

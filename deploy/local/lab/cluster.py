@@ -133,6 +133,17 @@ async def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
         return resp.status == 200
 
 
+async def admin_metric(admin_url: str, name: str, **labels: str) -> tuple[float | None, str]:
+    """One sample of a node's /metrics (None when absent), and the whole text for messages."""
+    async with aiohttp.ClientSession() as session, session.get(f"{admin_url}/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value), text
+    return None, text
+
+
 @dataclass
 class Node:
     """One lab node: a `shoal-node` and the dockerd that pulls through it."""
@@ -180,13 +191,8 @@ class Node:
 
     async def metric(self, name: str, **labels: str) -> float:
         """A sample of the node's /metrics; 0 when the node has not recorded it yet."""
-        async with aiohttp.ClientSession() as session, session.get(f"{self.admin_url}/metrics") as response:
-            text = await response.text()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        return 0.0
+        value, _ = await admin_metric(self.admin_url, name, **labels)
+        return 0.0 if value is None else value
 
     async def status(self) -> Any:
         async with aiohttp.ClientSession() as session, session.get(f"{self.admin_url}/status") as response:
