@@ -31,6 +31,7 @@ from peer.stream import Stalled
 from proxy.blobs import BlobRequest, UpstreamBlobSource
 from proxy.config import NodeConfig
 from proxy.metrics import NodeMetrics
+from proxy.routing import without
 from proxy.upstream import CHUNK, Upstream, UpstreamBroken
 from tracker.client import JoinAnswer, TrackerClient, TrackerRefused, TrackerUnavailable
 
@@ -204,7 +205,7 @@ class P2PBlobSource:
 
     async def _registry_size(self, blob: BlobRequest) -> int | None:
         """The blob's size when the registry lets dockerd's credential have it, else None."""
-        headers = [(k, v) for k, v in blob.request.headers.items() if k.lower() != "range"]
+        headers = without(blob.request.headers.items(), "Range")
         async with self._upstream.request(
             blob.registry, "HEAD", blob.path_qs, headers, follow_redirects=True
         ) as response:
@@ -247,7 +248,7 @@ class P2PBlobSource:
 
     def _registry_range(self, blob: BlobRequest) -> RegistryRange:
         async def fetch(start: int, end: int) -> AsyncIterator[bytes]:
-            headers = [(k, v) for k, v in blob.request.headers.items() if k.lower() != "range"]
+            headers = without(blob.request.headers.items(), "Range")
             headers.append(("Range", f"bytes={start}-{end - 1}"))
             async with self._upstream.request(
                 blob.registry, "GET", blob.path_qs, headers, follow_redirects=True
