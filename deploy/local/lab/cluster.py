@@ -66,9 +66,11 @@ PEER_PORT = 6881
 
 READER = ("reader", "reader-secret")
 PUSHER = ("pusher", "pusher-secret")
+TEAM_A = ("team-a", "team-a-secret")  # may pull team/a only
 USERS = {
     READER[0]: User(READER[1], {"*": ["pull"]}),
     PUSHER[0]: User(PUSHER[1], {"*": ["pull", "push"]}),
+    TEAM_A[0]: User(TEAM_A[1], {"team/a": ["pull"]}),
 }
 LAB_TOOLS = {
     "ip": "iproute2",
@@ -214,13 +216,17 @@ class Node:
         assert process.returncode is not None
         return process.returncode, out.decode(errors="replace")
 
-    async def pull(self, reference: str) -> str:
-        """`docker login` as the realm's reader, then `docker pull`; the pull's output."""
-        user, password = READER
+    async def login(self, user: tuple[str, str] = READER) -> tuple[int, str]:
+        """`docker login` to the lab registry as one of the realm's `USERS`."""
+        name, password = user
         registry = self.cluster.registry.host
-        code, out = await self.docker(
-            "login", "--username", user, "--password-stdin", registry, stdin=password.encode()
+        return await self.docker(
+            "login", "--username", name, "--password-stdin", registry, stdin=password.encode()
         )
+
+    async def pull(self, reference: str, user: tuple[str, str] = READER) -> str:
+        """`docker login` as `user`, then `docker pull`; the pull's output."""
+        code, out = await self.login(user)
         if code == 0:
             code, out = await self.docker("pull", reference)
         if code != 0:
