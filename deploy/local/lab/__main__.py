@@ -1,4 +1,5 @@
 """`python -m lab up --nodes 3 [--rate 200mbit]`: a local lab cluster until Ctrl-C.
+`python -m lab demo`: the README demo (a lab, an image pulled on every node at once, a table).
 `python -m lab cleanup`: remove what a crashed lab left behind.
 
 Run from deploy/local (or with PYTHONPATH=deploy/local), as root.
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lab.cluster import PUSHER, READER, Cluster
+from lab.demo import demo
 from lab.netns import cleanup_stale
 
 
@@ -67,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     start.add_argument("--rate", help="per-link rate limit in tc syntax, e.g. 200mbit")
     start.add_argument("--workdir", type=Path, help="keep logs and state here (default: a temp dir, removed)")
     start.add_argument("--image-mib", type=int, default=0, help="push team/app:latest of this many MiB")
+    show = commands.add_parser("demo", help="pull an image on every node of a fresh lab at once; a table")
+    show.add_argument("--nodes", type=int, default=3)
+    show.add_argument("--rate", default="200mbit", help="per-link rate limit in tc syntax")
+    show.add_argument("--layer-mb", type=int, default=100, help="size of each of the image's 3 layers")
+    show.add_argument("--workdir", type=Path, help="keep logs and state here (default: a temp dir, removed)")
     commands.add_parser("cleanup", help="remove namespaces, processes and files of crashed labs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -74,8 +81,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         removed = cleanup_stale()
         print("removed: " + (", ".join(removed) or "nothing"))
         return
+    if args.command == "demo":
+        run = demo(args.nodes, args.rate, args.layer_mb, args.workdir)
+    else:
+        run = up(args.nodes, args.rate, args.workdir, args.image_mib)
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, SIGTERM: torn down
-        asyncio.run(up(args.nodes, args.rate, args.workdir, args.image_mib))
+        asyncio.run(run)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,45 @@ class Node:
         value, _ = await admin_metric(self.admin_url, name, **labels)
         return 0.0 if value is None else value
 
+    async def blob_bytes(self) -> dict[str, float]:
+        """Layer bytes this node has served, by source: `p2p`, `upstream` (the registry), `cache`."""
+        counters: dict[str, float] = (await self.status())["counters"]["shoal_blob_bytes_total"]
+        return counters
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the running shoal-node process."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def skopeo_copy(
+        self,
+        reference: str,
+        *,
+        through_node: bool = True,
+        user: tuple[str, str] = READER,
+        timeout: float = 900,
+    ) -> None:
+        """`skopeo copy` of `reference` to a scratch `dir:` inside the node's namespace (removed
+        after), through the node as dockerd would go, or straight to the registry."""
+        certs = self.etc_docker / "certs.d" / self.cluster.registry.host  # the lab CA and the node's
+        destination = Path(tempfile.mkdtemp(prefix="skopeo-", dir=self.workdir))
+        env = {"PATH": os.environ["PATH"], "HOME": str(self.workdir)}
+        if through_node:
+            env |= dockerd_environment()
+        argv = [
+            "skopeo", "copy", "--quiet", "--src-creds", ":".join(user), "--src-cert-dir", str(certs),
+            f"docker://{reference}", f"dir:{destination}",
+        ]  # fmt: skip
+        try:
+            code, out = await self.cluster.network.arun(self.name, argv, timeout=timeout, env=env)
+        finally:
+            shutil.rmtree(destination, ignore_errors=True)
+        if code != 0:
+            raise RuntimeError(
+                f"{self.name}: skopeo copy {reference} failed:\n{out}\n--- node:\n{log_tail(self.log_path)}"
+            )
+
     async def status(self) -> Any:
         async with aiohttp.ClientSession() as session, session.get(f"{self.admin_url}/status") as response:
             return await response.json()

@@ -8,7 +8,7 @@ import io
 import json
 import random
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,17 +37,22 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def random_tar_layer(size: int, seed: int, name: str = "blob.bin") -> bytes:
-    """An uncompressed tar of one file of `size` random bytes; the same seed gives the same bytes."""
-    payload = random.Random(seed).randbytes(size)
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = 0o644
-    info.mtime = 0
+def tar_layer(files: Mapping[str, tuple[bytes, int]]) -> bytes:
+    """An uncompressed tar of these files (path -> (content, mode)), with fixed metadata."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        tar.addfile(info, io.BytesIO(payload))
+        for name, (content, mode) in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            info.mode = mode
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(content))
     return out.getvalue()
+
+
+def random_tar_layer(size: int, seed: int, name: str = "blob.bin") -> bytes:
+    """An uncompressed tar of one file of `size` random bytes; the same seed gives the same bytes."""
+    return tar_layer({name: (random.Random(seed).randbytes(size), 0o644)})
 
 
 def image_config(layers: Sequence[bytes]) -> bytes:

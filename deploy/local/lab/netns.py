@@ -261,13 +261,20 @@ class Network:
         """Run to completion inside `host`; output captured as text."""
         return _run([*self.exec_prefix(host), *argv], check=check)
 
-    async def arun(self, host: str, argv: Sequence[str], *, timeout: float = 60) -> tuple[int, str]:
+    async def arun(
+        self, host: str, argv: Sequence[str], *, timeout: float = 60, env: Mapping[str, str] | None = None
+    ) -> tuple[int, str]:
         """Like `run`, without blocking the event loop: (exit code, stdout and stderr)."""
         process = await asyncio.create_subprocess_exec(
             *self.exec_prefix(host), *argv, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
         )  # fmt: skip
-        out, _ = await asyncio.wait_for(process.communicate(), timeout)
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
         assert process.returncode is not None
         return process.returncode, out.decode(errors="replace")
 
