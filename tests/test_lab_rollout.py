@@ -13,6 +13,7 @@ def test_the_table_shows_each_node_and_the_registry_egress_against_the_image() -
             NodePull("node-1", 14.62, {"p2p": 0, "upstream": 300_000_000, "cache": 0}, 3.9),
             NodePull("node-2", 38.1, {"p2p": 300_000_000, "upstream": 0, "cache": 0}, 3.0),
         ],
+        timeline=[],
     )
     lines = rollout_table(rollout).splitlines()
     assert lines[0].split() == ["node", "pull", "time", "from", "peers", "from", "registry", "from", "cache",

@@ -67,6 +67,11 @@ class BlobState:
         )
 
 
+# A waiter asks again this often: it becomes a leecher at most this long after the origin publishes
+# (each second of delay is a second of every waiter's pull). N waiters cost N joins a second.
+WAIT_RETRY_SECONDS = 1.0
+
+
 @dataclass(frozen=True)
 class Decision:
     role: Role
@@ -89,7 +94,7 @@ def decide_join(
     if lease is not None and lease.expires_at > now:
         if lease.node == node:
             return Decision(Role.ORIGIN, lease), state
-        wait = min(lease.expires_at - now, 5.0)
+        wait = min(lease.expires_at - now, WAIT_RETRY_SECONDS)
         return Decision(Role.WAIT, retry_after=wait, origin_bytes=lease.bytes_done), state
     if node in state.barred:
         return Decision(Role.WAIT, retry_after=lease_seconds), state

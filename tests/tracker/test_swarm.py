@@ -3,6 +3,7 @@
 import pytest
 
 from tracker.swarm import (
+    WAIT_RETRY_SECONDS,
     BlobState,
     Lease,
     LeaseLost,
@@ -34,12 +35,12 @@ def test_first_joiner_is_origin_and_others_wait() -> None:
     assert role_a is Role.ORIGIN and again.lease is not None and again.lease.token == "t-new"
 
 
-def test_wait_retry_after_is_bounded_by_lease() -> None:
+def test_a_waiter_asks_again_within_a_second_or_when_the_lease_ends() -> None:
     _, state = join(BlobState(), "a", now=0)
-    decision, _ = decide_join(state, "b", 1000, "t", 58.0, LEASE)
-    assert decision.retry_after == pytest.approx(2.0)
+    decision, _ = decide_join(state, "b", 1000, "t", 59.5, LEASE)
+    assert decision.retry_after == pytest.approx(0.5)
     decision, _ = decide_join(state, "b", 1000, "t", 1.0, LEASE)
-    assert decision.retry_after == 5.0
+    assert decision.retry_after == WAIT_RETRY_SECONDS == 1.0
 
 
 def test_progress_extends_lease_only_when_moving() -> None:

@@ -215,8 +215,9 @@ class Node:
         user: tuple[str, str] = READER,
         timeout: float = 900,
     ) -> None:
-        """`skopeo copy` of `reference` to a scratch `dir:` inside the node's namespace (removed
-        after), through the node as dockerd would go, or straight to the registry."""
+        """`skopeo copy` of `reference` to a scratch `oci:` layout inside the node's namespace
+        (removed after), through the node as dockerd would go, or straight to the registry. Into
+        `oci:` skopeo fetches the layers in parallel, as dockerd does (into `dir:` one by one)."""
         certs = self.etc_docker / "certs.d" / self.cluster.registry.host  # the lab CA and the node's
         destination = Path(tempfile.mkdtemp(prefix="skopeo-", dir=self.workdir))
         env = {"PATH": os.environ["PATH"], "HOME": str(self.workdir)}
@@ -224,7 +225,7 @@ class Node:
             env |= dockerd_environment()
         argv = [
             "skopeo", "copy", "--quiet", "--src-creds", ":".join(user), "--src-cert-dir", str(certs),
-            f"docker://{reference}", f"dir:{destination}",
+            f"docker://{reference}", f"oci:{destination}:pulled",
         ]  # fmt: skip
         try:
             code, out = await self.cluster.network.arun(self.name, argv, timeout=timeout, env=env)

@@ -31,10 +31,18 @@ class NodePull:
 
 
 @dataclass(frozen=True)
+class Sample:
+    seconds: float  # since the pulls started
+    node: str
+    bytes: dict[str, float]  # served so far in this rollout, by `SOURCES` label
+
+
+@dataclass(frozen=True)
 class Rollout:
     image_bytes: int  # the layers' total size
     registry_bytes: int  # layer bytes the registry sent (its access log)
     pulls: list[NodePull]
+    timeline: list[Sample]  # every node's counters, sampled while the pulls ran
 
 
 def layer_bytes(image: PushedImage) -> int:
@@ -46,17 +54,32 @@ async def _served(node: Node) -> dict[str, float]:
     return {source: counters.get(source, 0.0) for source in SOURCES}
 
 
-async def _report_progress(nodes: list[Node], total: int, started: float, say: Callable[[str], None]) -> None:
-    """A line every 2 s: each node's share of the layer bytes served so far."""
-    baseline = {node.name: sum((await _served(node)).values()) for node in nodes}
+def _since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {source: after[source] - before[source] for source in SOURCES}
+
+
+async def _sample(
+    nodes: list[Node],
+    before: dict[str, dict[str, float]],
+    total: int,
+    started: float,
+    every: float,
+    timeline: list[Sample],
+    say: Callable[[str], None] | None,
+) -> None:
+    """Every `every` seconds: each node's counters into `timeline`, and a progress line to `say`
+    (each node's share of the image's layer bytes)."""
     while True:
-        await asyncio.sleep(2)
+        await asyncio.sleep(every)
+        now = time.monotonic() - started
         shares = []
         for node in nodes:
             with contextlib.suppress(Exception):  # a node being killed or restarted mid-rollout
-                done = sum((await _served(node)).values()) - baseline[node.name]
-                shares.append(f"{node.name} {min(done / total, 1):4.0%}")
-        say(f"  {time.monotonic() - started:6.1f} s   " + "   ".join(shares))
+                sample = Sample(now, node.name, _since(before[node.name], await _served(node)))
+                timeline.append(sample)
+                shares.append(f"{node.name} {min(sum(sample.bytes.values()) / total, 1):4.0%}")
+        if say is not None:
+            say(f"  {now:6.1f} s   " + "   ".join(shares))
 
 
 async def roll_out(
@@ -66,39 +89,39 @@ async def roll_out(
     *,
     through_node: bool = True,
     progress: Callable[[str], None] | None = None,
+    sample_every: float = 2.0,
 ) -> Rollout:
-    """`pull(node)` on every node at once. With `through_node`, the node's counters and CPU are
-    read before and after, and `progress` (if given) gets a line every 2 s."""
+    """`pull(node)` on every node at once. With `through_node`, each node's counters are sampled
+    every `sample_every` seconds (a line to `progress`, if given), and its CPU read before and
+    after."""
     nodes = cluster.nodes
-    total = layer_bytes(image)
-    before_bytes = {n.name: await _served(n) for n in nodes} if through_node else {}
+    before = {n.name: await _served(n) for n in nodes} if through_node else {}
     before_cpu = {n.name: n.cpu_seconds() for n in nodes} if through_node else {}
     started = time.monotonic()
     finished: dict[str, float] = {}
+    timeline: list[Sample] = []
 
     async def timed(node: Node) -> None:
         await pull(node)
         finished[node.name] = time.monotonic() - started
 
-    reporter = None
-    if progress is not None and through_node:
-        reporter = asyncio.create_task(_report_progress(nodes, total, started, progress))
+    sampler = None
+    if through_node:
+        sampler = asyncio.create_task(
+            _sample(nodes, before, layer_bytes(image), started, sample_every, timeline, progress)
+        )
     try:
         await asyncio.gather(*(timed(node) for node in nodes))
     finally:
-        if reporter is not None:
-            reporter.cancel()
+        if sampler is not None:
+            sampler.cancel()
     pulls = []
     for node in nodes:
-        served: dict[str, float] = {}
-        cpu = 0.0
-        if through_node:
-            after = await _served(node)
-            served = {s: after[s] - before_bytes[node.name][s] for s in SOURCES}
-            cpu = node.cpu_seconds() - before_cpu[node.name]
+        served = _since(before[node.name], await _served(node)) if through_node else {}
+        cpu = node.cpu_seconds() - before_cpu[node.name] if through_node else 0.0
         pulls.append(NodePull(node.name, finished[node.name], served, cpu))
     registry_bytes = sum([await cluster.registry.blob_bytes_sent(d) for d in image.layer_digests])
-    return Rollout(total, registry_bytes, pulls)
+    return Rollout(layer_bytes(image), registry_bytes, pulls, timeline)
 
 
 def megabytes(count: float) -> str:
