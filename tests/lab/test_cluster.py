@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 from pathlib import Path
 
@@ -14,22 +12,6 @@ from lab.netns import ETC_NETNS, list_namespaces
 pytestmark = pytest.mark.e2e
 
 REPO = "team/app"
-
-
-async def test_two_dockerds_pull_at_once_over_rate_limited_links(tmp_path: Path) -> None:
-    async with Cluster(nodes=2, rate="200mbit", workdir=tmp_path / "lab") as cluster:
-        image = await cluster.push_image(REPO, [3_000_000, 2_000_000])
-        reference = cluster.reference(image)
-        await asyncio.gather(*(node.pull(reference) for node in cluster.nodes))
-        for node in cluster.nodes:
-            assert await node.image_id(reference) == image.config_digest, node.name
-        logs = "\n".join(f"--- {n.name}:\n{n.log()[-4000:]}" for n in cluster.nodes)
-        for digest in image.layer_digests:
-            assert await cluster.registry.blob_get_count(digest) == 1, logs
-        layer_bytes = sum(json.loads(image.manifest)["layers"][i]["size"] for i in range(2))
-        from_peers = [await node.metric("shoal_blob_bytes_total", source="p2p") for node in cluster.nodes]
-        # Each layer came from the registry once (to its origin) and from a peer to the other node.
-        assert sum(from_peers) == layer_bytes, (from_peers, logs)
 
 
 def lab_leftovers(lab_id: int, paths: list[Path]) -> list[str]:
