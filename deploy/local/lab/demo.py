@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from lab.cluster import Cluster
-from lab.images import PushedImage, push_image, tar_layer
+from lab.images import PushedImage, push_image, random_bytes, tar_layer
 from lab.rollout import megabytes, roll_out, rollout_table
 
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: one static binary, so containers can run
@@ -34,7 +34,7 @@ def demo_layers(layer_bytes: int, seed: int) -> list[bytes]:
     rng = random.Random(seed)
     layers = []
     for i in range(1, LAYERS + 1):
-        files = {f"data/layer-{i}.bin": (rng.randbytes(layer_bytes), 0o644)}
+        files = {f"data/layer-{i}.bin": (random_bytes(rng, layer_bytes), 0o644)}
         if i == 1:
             files["bin/busybox"] = (BUSYBOX.read_bytes(), 0o755)
         layers.append(tar_layer(files))

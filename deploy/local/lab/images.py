@@ -50,9 +50,15 @@ def tar_layer(files: Mapping[str, tuple[bytes, int]]) -> bytes:
     return out.getvalue()
 
 
+def random_bytes(rng: random.Random, size: int) -> bytes:
+    """`rng.randbytes(size)` for any size (it overflows at 256 MiB), 64 MiB at a time."""
+    part = 64 * 2**20
+    return b"".join(rng.randbytes(min(part, size - offset)) for offset in range(0, size, part))
+
+
 def random_tar_layer(size: int, seed: int, name: str = "blob.bin") -> bytes:
     """An uncompressed tar of one file of `size` random bytes; the same seed gives the same bytes."""
-    return tar_layer({name: (random.Random(seed).randbytes(size), 0o644)})
+    return tar_layer({name: (random_bytes(random.Random(seed), size), 0o644)})
 
 
 def image_config(layers: Sequence[bytes]) -> bytes:
