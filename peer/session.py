@@ -87,6 +87,10 @@ def settings(config: PeerConfig) -> lt.settings_pack:
         # Every peer is on the LAN here: a configured limit must apply to it.
         "ignore_limits_on_local_network": False,
         "upload_rate_limit": config.upload_rate_limit,
+        # Every peer is trusted and wants the same blobs: unchoke them all. With libtorrent's default of
+        # 8 slots per session, a seeder of 4 blobs to 7 leechers left whole swarms choked until
+        # leechers stalled and went to the registry (tests/bench/rollout.py, 8 nodes).
+        "unchoke_slots_limit": -1,
         # The one announce URL comes from our tracker's join answer, never from metainfo; the
         # mitigation refuses a loopback tracker whose URL has a query (our announce key).
         "ssrf_mitigation": False,
