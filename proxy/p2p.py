@@ -99,7 +99,13 @@ class LeechFetch:
 
         async def fallback(lo: int, hi: int) -> AsyncIterator[bytes]:
             nonlocal switched
-            logger.warning("swarm stalled; rest from the registry", extra={"digest": str(self.blob.digest)})
+            swarm: dict[str, Any] = {}
+            with contextlib.suppress(PeerError):  # the torrent may have failed: that is the news
+                status = self.blob.torrent.status()
+                swarm = {"peers": status.peers, "progress": round(status.progress, 4), "state": status.state}
+            logger.warning(
+                "swarm stalled; rest from the registry", extra={"digest": str(self.blob.digest), **swarm}
+            )
             switched = True
             async for chunk in registry(lo, hi):
                 yield chunk
