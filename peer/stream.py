@@ -88,8 +88,9 @@ class _Window:
 
 
 async def _wait(torrent: Torrent, piece: int, stall_timeout: float) -> None:
-    """Wait for `piece`; `Stalled` once the torrent has gone `stall_timeout` without any piece."""
-    while True:
+    """Wait for `piece`; `Stalled` once the torrent has gone `stall_timeout` without any piece.
+    A piece already here is never a stall, however long ago the last one came (a slow reader)."""
+    while not torrent.have(piece):
         left = torrent.last_progress + stall_timeout - time.monotonic()
         if left <= 0:
             raise Stalled(piece * torrent.piece_size, torrent.size)

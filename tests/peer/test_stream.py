@@ -116,3 +116,24 @@ async def test_stall_falls_back_and_the_blob_still_completes_and_seeds(swarm: Sw
     assert hashlib.sha256(path.read_bytes()).hexdigest() == swarm.blob.digest.hex
     other = await swarm.start(swarm.job("other", "127.0.0.5", "fetch", connect=[f"127.0.0.9:{peer.port}"]))
     await other.event("complete")
+
+
+async def test_a_reader_slower_than_the_swarm_is_not_a_stall(swarm: Swarm, peer: Peer) -> None:
+    """The whole blob arrives, then the reader takes longer than `stall_timeout` to get to the rest
+    (a busy client): every byte still comes from the torrent, none from the registry."""
+    download, dialer = await leech(swarm, peer, rate=64 * MiB)
+    asked: list[tuple[int, int]] = []
+
+    async def registry(start: int, end: int) -> AsyncIterator[bytes]:
+        asked.append((start, end))
+        yield swarm.blob.data[start:end]
+
+    received = bytearray()
+    async for chunk in download.stream(fallback=registry):
+        if not received:
+            await asyncio.wait_for(download.complete(), 30)
+            await asyncio.sleep(peer.config.stall_timeout + 1)  # nothing arrives: nothing is missing
+        received += chunk
+    dialer.cancel()
+    assert asked == []
+    assert bytes(received) == swarm.blob.data
