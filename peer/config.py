@@ -14,7 +14,11 @@ class PeerConfig:
     cache_max_bytes: Size = 50 * 2**30  # complete blobs kept; least recently used evicted first
     peer_listen: Address = "0.0.0.0:6881"  # the SSL BitTorrent port (port 0: any free port)
     stall_timeout: Duration = 20  # no piece for this long: the stream asks the caller for the rest
-    stream_window: int = 16  # pieces ahead of a streaming reader that get a deadline
+    # Pieces ahead of a streaming reader that get a deadline. One: readers at the same position all
+    # want the deadline pieces, so a deep window makes leechers fetch the same pieces from the seeder
+    # in lock-step with nothing to trade (8 nodes, tests/bench/rollout.py: 16 took 2.8x as long as 1
+    # for the swarm; 0, no deadlines, was no faster than 1).
+    stream_window: int = 1
     upload_rate_limit: Size = 0  # bytes/s of peer upload, 0 for no limit (applies on the LAN too)
 
     def __post_init__(self) -> None:
