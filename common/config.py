@@ -8,11 +8,13 @@ strings with a unit (`512MiB`, `50GiB`, `1GB`); addresses are `"ip:port"`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import ipaddress
 import re
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -130,6 +132,21 @@ def load_config(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix}{missing[1] if missing else '?'}: required") from None
     except ValueError as exc:  # a dataclass __post_init__ check
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def config_from_args(
+    cls: type[T], argv: Sequence[str], *, prog: str, description: str | None, overrides: Mapping[str, str]
+) -> T:
+    """`--config FILE` plus one `--<key>` flag per `overrides` entry (key -> what it takes), which
+    replaces that key of the file; then `load_config`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, required=True, help="YAML configuration file")
+    for key, takes in overrides.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f'override "{key}" ({takes})')
+    args = parser.parse_args(argv)
+    data = load_yaml(args.config)
+    data |= {key: getattr(args, key) for key in overrides if getattr(args, key) is not None}
+    return load_config(cls, data)
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:

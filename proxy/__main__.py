@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from common.config import load_config, load_yaml, parse_address
+from common.config import config_from_args, parse_address
 from common.service import main_entry, stop_on_signals
 from common.tasks import spawn
 from common.tls import client_ssl_context
@@ -34,24 +32,14 @@ TRACKER_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 
 
 def parse_args(argv: list[str]) -> NodeConfig:
-    parser = argparse.ArgumentParser(prog="shoal-node", description=__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="YAML configuration file")
-    parser.add_argument("--listen", help='override "listen" (loopback "ip:port")')
-    parser.add_argument("--admin", help='override "admin" ("ip:port")')
-    parser.add_argument("--tracker", help='override "tracker" (URL)')
-    parser.add_argument("--node-id", help='override "node_id"')
-    parser.add_argument("--log-level", help='override "log_level"')
-    args = parser.parse_args(argv)
-    data = load_yaml(args.config)
     overrides = {
-        "listen": args.listen,
-        "admin": args.admin,
-        "tracker": args.tracker,
-        "node_id": args.node_id,
-        "log_level": args.log_level,
+        "listen": 'loopback "ip:port"',
+        "admin": '"ip:port"',
+        "tracker": "URL",
+        "node_id": "a name",
+        "log_level": "debug, info, warning, error",
     }
-    data |= {key: value for key, value in overrides.items() if value is not None}
-    return load_config(NodeConfig, data)
+    return config_from_args(NodeConfig, argv, prog="shoal-node", description=__doc__, overrides=overrides)
 
 
 @contextlib.asynccontextmanager

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from aiohttp import web
 
-from common.config import load_config, load_yaml, parse_address
+from common.config import config_from_args, parse_address
 from common.service import main_entry, stop_on_signals
 from common.tokens import TokenVerifier
 from tracker.announce import AnnounceKeys
@@ -28,19 +26,15 @@ logger = logging.getLogger("tracker")
 
 
 def parse_args(argv: list[str]) -> TrackerConfig:
-    parser = argparse.ArgumentParser(prog="shoal-tracker", description=__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="YAML configuration file")
-    parser.add_argument("--listen", help='override "listen" ("ip:port")')
-    parser.add_argument("--state-dir", help='override "state_dir"')
-    parser.add_argument("--store", help='override "store" ("sqlite" or a redis:// URL)')
-    parser.add_argument("--log-level", help='override "log_level"')
-    args = parser.parse_args(argv)
-    data = load_yaml(args.config)
-    overrides = {"listen": args.listen, "state_dir": args.state_dir, "store": args.store}
-    data |= {key: value for key, value in overrides.items() if value is not None}
-    if args.log_level:
-        data["log_level"] = args.log_level
-    return load_config(TrackerConfig, data)
+    overrides = {
+        "listen": '"ip:port"',
+        "state_dir": "a directory",
+        "store": "sqlite or a redis:// URL",
+        "log_level": "debug, info, warning, error",
+    }
+    return config_from_args(
+        TrackerConfig, argv, prog="shoal-tracker", description=__doc__, overrides=overrides
+    )
 
 
 def token_verifiers(config: TrackerConfig) -> dict[str, TokenVerifier]:
