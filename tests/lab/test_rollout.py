@@ -113,20 +113,21 @@ def sha256_file(path: Path) -> str:
 
 
 async def assert_cache_sound(node: Node, image: PushedImage | None = None) -> None:
-    """Every blob in the node's cache hashes to its name, and /status shows exactly those blobs,
-    each a complete torrent seeding without a failed piece: no origin fetch or partial download
-    left over. With `image`: its layers are among them."""
+    """Every blob in the node's cache hashes to its name and is a complete torrent seeding without
+    a failed piece in /status; no torrent there has a failed piece. With `image`: its layers are
+    cached. (Other torrents may still be downloading: the cluster is shared by the module, and a
+    torrent whose client left goes on without it.)"""
     blobs = node.cache_dir / "blobs" / "sha256"
 
-    def cached() -> list[str]:
-        return sorted(f"sha256-{path.name}" for path in blobs.iterdir())
+    def cached() -> set[str]:
+        return {f"sha256-{path.name}" for path in blobs.iterdir()}
+
+    def seeding(status: Any) -> set[str]:
+        return {blob.get("name", "") for blob in status["blobs"] if blob["state"] == "seeding"}
 
     async def settled() -> bool:
         """A leecher commits a blob to the cache just after it streamed the last byte to dockerd."""
-        torrents = (await node.status())["blobs"]
-        return sorted(blob.get("name", "") for blob in torrents) == cached() and all(
-            blob["state"] == "seeding" for blob in torrents
-        )
+        return cached() <= seeding(await node.status())
 
     with contextlib.suppress(TimeoutError):
         await wait_until(f"{node.name} settles", settled, timeout=20)
@@ -134,9 +135,11 @@ async def assert_cache_sound(node: Node, image: PushedImage | None = None) -> No
         assert await asyncio.to_thread(sha256_file, path) == path.name, f"{node.name}: corrupt {path}"
     status = await node.status()
     assert status["state"] == "serving", status
-    assert sorted(blob.get("name", "") for blob in status["blobs"]) == cached(), (status, node.log()[-4000:])
+    assert cached() <= seeding(status), (status, node.log()[-4000:])
     for blob in status["blobs"]:
-        assert (blob["state"], blob["progress"], blob["failed"]) == ("seeding", 1.0, 0), status
+        assert blob.get("failed", 0) == 0, status
+        if blob.get("name") in cached():
+            assert (blob["state"], blob["progress"]) == ("seeding", 1.0), status
     if image is not None:
         missing = {d for d in image.layer_digests if not (blobs / d.removeprefix("sha256:")).is_file()}
         assert not missing, f"{node.name} did not cache {missing}:\n{node.log()[-6000:]}"
