@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import socket
@@ -26,6 +25,10 @@ from pathlib import Path
 from urllib.parse import quote_from_bytes
 
 import trustme
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "local"))  # `lab`
+
+from lab.procstat import cpu_seconds
 
 from common.certs import ca_from_pem
 from common.ids import InfoHash, NodeId
@@ -109,11 +112,6 @@ def announce_paths(ca_file: Path, peers: int, torrents: int) -> list[str]:
             f"&left={i % 2}&compact=1&numwant=50&event="
         )
     return paths
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

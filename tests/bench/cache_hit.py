@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import trustme
 from lab.images import PushedImage, push_image, random_tar_layer
 from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca
+from lab.procstat import cpu_seconds, machine_busy_seconds
 from lab.registry import Registry
 from lab.token_server import TokenServer
 from lab.tokens import TokenIssuer
@@ -63,7 +64,6 @@ REPO = "bench/app"
 CREDS = "reader:" + USERS["reader"].password
 MiB = 2**20
 GiB = 2**30
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CLIENT_TIMEOUT = 600.0
 PUBLISH_TIMEOUT = 120.0
 CLIENTS = ("curl", "curl-par", "skopeo")
@@ -98,17 +98,6 @@ class Series:
 
     def cpu_per_gib(self, size: int, which: str) -> float:
         return float(statistics.median(getattr(s, which) for s in self.samples)) / (size / GiB)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: all threads
-
-
-def machine_cpu() -> float:
-    """Busy CPU seconds of the whole machine (user, nice, system, irq, softirq, steal)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    return sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7)) / CLOCK_TICKS
 
 
 def children_cpu() -> float:
@@ -177,7 +166,7 @@ class Bench:
             env["HTTPS_PROXY"] = self.node.proxy_url
         cached = await self.node.metric("shoal_blob_bytes_total", source="cache")
         node_cpu, registry_cpu = cpu_seconds(self.node.process.pid), cpu_seconds(self.registry_pid)
-        client_cpu, busy = children_cpu(), machine_cpu()
+        client_cpu, busy = children_cpu(), machine_busy_seconds()
         started = time.perf_counter()
         await asyncio.gather(*(run_client(command, env) for command in commands))
         seconds = time.perf_counter() - started
@@ -186,7 +175,7 @@ class Bench:
             cpu_seconds(self.node.process.pid) - node_cpu,
             cpu_seconds(self.registry_pid) - registry_cpu,
             children_cpu() - client_cpu,
-            machine_cpu() - busy,
+            machine_busy_seconds() - busy,
         )
         if client == "skopeo":
             self.check_copy(dest)

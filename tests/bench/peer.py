@@ -24,13 +24,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "local"))  # `lab`
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lab.procstat import cpu_seconds
 
 from tests.peer.swarm import MiB, Node, Swarm, make_blob
 
 PREFIX = "shoalb"  # namespace and interface names start with this
 SUBNET = "10.231.0"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RUN_TIMEOUT = 40.0
 
 
@@ -46,11 +48,6 @@ class Result:
 
 def sh(*args: str, check: bool = True) -> None:
     subprocess.run(args, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
 class Lab:

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "local")
 
 from lab.cluster import Cluster, Node
 from lab.images import PushedImage
+from lab.procstat import machine_busy_seconds
 from lab.rollout import Rollout, roll_out
 
 MiB = 2**20
@@ -54,13 +56,6 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return values[max(0, math.ceil(fraction * len(values)) - 1)]
 
 
-def cpu_busy_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return sum(fields) - idle, sum(fields)
-
-
 def registry_done(rollout: Rollout) -> float | None:
     """First sample time by which the nodes' registry bytes added up to the whole image."""
     by_time: dict[float, float] = {}
@@ -81,7 +76,7 @@ async def run(
         print(line, flush=True)
 
     print(f"\n{name}: {len(cluster.nodes)} nodes pull {reference} at once", flush=True)
-    busy0, total0 = cpu_busy_jiffies()
+    busy_before, started = machine_busy_seconds(), time.monotonic()
     rollout = await roll_out(
         cluster,
         image,
@@ -90,7 +85,7 @@ async def run(
         progress=say if through_node else None,
         sample_every=1,
     )
-    busy1, total1 = cpu_busy_jiffies()
+    busy = (machine_busy_seconds() - busy_before) / ((time.monotonic() - started) * (os.cpu_count() or 1))
     times = sorted(p.seconds for p in rollout.pulls)
     summary = RunSummary(
         name=name,
@@ -100,7 +95,7 @@ async def run(
         max=times[-1] / limit,
         registry_egress=rollout.registry_bytes / rollout.image_bytes,
         node_cpu_seconds=sum(p.cpu_seconds for p in rollout.pulls) / len(rollout.pulls),
-        machine_cpu_busy=(busy1 - busy0) / max(total1 - total0, 1),
+        machine_cpu_busy=busy,
         registry_done_seconds=registry_done(rollout) if through_node else None,
     )
     return summary, rollout

@@ -61,13 +61,8 @@ async def everything_running(cluster: Cluster) -> None:
 # what an operator looks at
 
 
-async def bytes_by_source(node: Node) -> dict[str, float]:
-    served = await node.blob_bytes()
-    return {source: served[source] for source in SOURCES}
-
-
 async def counters(nodes: list[Node]) -> list[dict[str, float]]:
-    return [await bytes_by_source(node) for node in nodes]
+    return [await node.blob_bytes() for node in nodes]
 
 
 def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -299,7 +294,7 @@ async def test_node_without_credential_gets_the_registrys_error_and_no_swarm(clu
     await owner.pull(reference)  # READER: its layers are now in the swarm, seeded by the owner
     for digest in image.layer_digests:
         assert f"{owner.name} published the torrent of {digest}" in cluster.tracker_log()
-    before = await bytes_by_source(stranger)
+    before = await stranger.blob_bytes()
 
     await stranger.docker("logout", cluster.registry.host)
     code, through_node = await stranger.docker("pull", reference)
@@ -324,7 +319,7 @@ async def test_node_without_credential_gets_the_registrys_error_and_no_swarm(clu
     assert blob["status"] == 401 and oci_error(blob)["code"] == "UNAUTHORIZED", blob
 
     assert tracker_joins(cluster, stranger.name, image.layer_digests) == [], diagnostics(cluster)
-    assert delta(await bytes_by_source(stranger), before) == dict.fromkeys(SOURCES, 0)
+    assert delta(await stranger.blob_bytes(), before) == dict.fromkeys(SOURCES, 0)
     for digest in image.layer_digests:
         assert await cluster.registry.blob_get_count(digest) == 1  # the owner's fetch, nobody else's
 
@@ -336,7 +331,7 @@ async def test_credential_for_one_repository_opens_no_blob_of_another(cluster: C
     await seeder.pull(cluster.reference(team_b), user=READER)
     secret = team_b.layer_digests[0]
     assert tracker_joins(cluster, seeder.name, [secret]), diagnostics(cluster)  # in the swarm now
-    before = await bytes_by_source(asker)
+    before = await asker.blob_bytes()
 
     # The path names the repository the token opens, with B's digest; then B's own path.
     for repo in ("team/a", "team/b"):
@@ -354,7 +349,7 @@ async def test_credential_for_one_repository_opens_no_blob_of_another(cluster: C
     assert (status, body["errors"][0]["code"]) == (403, "DENIED"), body
 
     assert tracker_joins(cluster, asker.name, [secret]) == [], diagnostics(cluster)
-    assert delta(await bytes_by_source(asker), before) == dict.fromkeys(SOURCES, 0)
+    assert delta(await asker.blob_bytes(), before) == dict.fromkeys(SOURCES, 0)
     assert await cluster.registry.blob_get_count(secret) == 1  # the seeder's fetch only
 
 
@@ -391,10 +386,10 @@ async def test_origin_killed_mid_pull_the_others_still_finish(cluster: Cluster) 
     image = await cluster.push_image("rollout/origin-dies", [20_000_000, 12_000_000])
     reference = cluster.reference(image)
     layer = image.layer_digests[0]
-    start = await bytes_by_source(origin)
+    start = await origin.blob_bytes()
 
     async def origin_fetching() -> bool:
-        return (await bytes_by_source(origin))["upstream"] > start["upstream"]
+        return (await origin.blob_bytes())["upstream"] > start["upstream"]
 
     async def others_joined() -> bool:
         return all(tracker_joins(cluster, node.name, [layer]) for node in others)
@@ -404,7 +399,7 @@ async def test_origin_killed_mid_pull_the_others_still_finish(cluster: Cluster) 
         rest = asyncio.gather(*(node.pull(reference) for node in others))
         try:
             await wait_until("the other nodes asked for the layer", others_joined)
-            fetched = delta(await bytes_by_source(origin), start)
+            fetched = delta(await origin.blob_bytes(), start)
             await cluster.kill_node(0)
             assert 0 < fetched["upstream"] < sum(layer_sizes(image)), fetched  # killed mid-pull
             await rest
@@ -427,14 +422,14 @@ async def test_node_restarted_after_sigkill_serves_no_corrupt_blob(cluster: Clus
         """Pull on nodes[index] and SIGKILL its shoal-node once some, not all, bytes came from
         `source`; start it again with the same cache."""
         node = cluster.nodes[index]
-        start = await bytes_by_source(node)
+        start = await node.blob_bytes()
 
         async def started() -> bool:
-            return (await bytes_by_source(node))[source] > start[source]
+            return (await node.blob_bytes())[source] > start[source]
 
         async with abandoned_pull(node, reference):
             await wait_until(f"{node.name} takes bytes from {source}", started)
-            fetched = delta(await bytes_by_source(node), start)
+            fetched = delta(await node.blob_bytes(), start)
             await cluster.restart_node(index)
         assert 0 < fetched[source] < size, fetched  # killed mid-download
 
@@ -446,9 +441,9 @@ async def test_node_restarted_after_sigkill_serves_no_corrupt_blob(cluster: Clus
     await killed_mid_download(2, "p2p")
     await assert_cache_sound(third)
     await third.pull(reference)
-    before = await bytes_by_source(first)
+    before = await first.blob_bytes()
     await first.pull(reference)  # its peers are the two restarted nodes
-    assert delta(await bytes_by_source(first), before)["p2p"] > 0, diagnostics(cluster)
+    assert delta(await first.blob_bytes(), before)["p2p"] > 0, diagnostics(cluster)
     for node in (second, third, first):
         await assert_has_image(node, cluster, image)
         await assert_cache_sound(node, image)

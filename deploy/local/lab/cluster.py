@@ -48,6 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lab.images import PushedImage, push_image, random_tar_layer
 from lab.netns import Network, require_tools, terminate
 from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca, write_ca
+from lab.procstat import cpu_seconds
 from lab.registry import Registry
 from lab.token_server import User, write_config
 from lab.tokens import TokenIssuer
@@ -204,8 +205,7 @@ class Node:
     def cpu_seconds(self) -> float:
         """CPU time (user + system) of the running shoal-node process."""
         assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.process.pid)
 
     async def skopeo_copy(
         self,

@@ -49,11 +49,6 @@ def layer_bytes(image: PushedImage) -> int:
     return sum(layer["size"] for layer in json.loads(image.manifest)["layers"])
 
 
-async def _served(node: Node) -> dict[str, float]:
-    counters = await node.blob_bytes()
-    return {source: counters.get(source, 0.0) for source in SOURCES}
-
-
 def _since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {source: after[source] - before[source] for source in SOURCES}
 
@@ -75,7 +70,7 @@ async def _sample(
         shares = []
         for node in nodes:
             with contextlib.suppress(Exception):  # a node being killed or restarted mid-rollout
-                sample = Sample(now, node.name, _since(before[node.name], await _served(node)))
+                sample = Sample(now, node.name, _since(before[node.name], await node.blob_bytes()))
                 timeline.append(sample)
                 shares.append(f"{node.name} {min(sum(sample.bytes.values()) / total, 1):4.0%}")
         if say is not None:
@@ -95,7 +90,8 @@ async def roll_out(
     every `sample_every` seconds (a line to `progress`, if given), and its CPU read before and
     after."""
     nodes = cluster.nodes
-    before = {n.name: await _served(n) for n in nodes} if through_node else {}
+    total = layer_bytes(image)
+    before = {n.name: await n.blob_bytes() for n in nodes} if through_node else {}
     before_cpu = {n.name: n.cpu_seconds() for n in nodes} if through_node else {}
     started = time.monotonic()
     finished: dict[str, float] = {}
@@ -108,7 +104,7 @@ async def roll_out(
     sampler = None
     if through_node:
         sampler = asyncio.create_task(
-            _sample(nodes, before, layer_bytes(image), started, sample_every, timeline, progress)
+            _sample(nodes, before, total, started, sample_every, timeline, progress)
         )
     try:
         await asyncio.gather(*(timed(node) for node in nodes))
@@ -117,11 +113,11 @@ async def roll_out(
             sampler.cancel()
     pulls = []
     for node in nodes:
-        served = _since(before[node.name], await _served(node)) if through_node else {}
+        served = _since(before[node.name], await node.blob_bytes()) if through_node else {}
         cpu = node.cpu_seconds() - before_cpu[node.name] if through_node else 0.0
         pulls.append(NodePull(node.name, finished[node.name], served, cpu))
     registry_bytes = sum([await cluster.registry.blob_bytes_sent(d) for d in image.layer_digests])
-    return Rollout(layer_bytes(image), registry_bytes, pulls, timeline)
+    return Rollout(total, registry_bytes, pulls, timeline)
 
 
 def megabytes(count: float) -> str:
