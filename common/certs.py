@@ -1,4 +1,5 @@
-"""Certificates as plain functions: CA creation, CSR checks, blob-scoped peer certificates.
+"""Certificates as plain functions: CA creation, CSR checks, blob-scoped peer certificates, server
+certificates for named hosts.
 
 Keys are EC P-256 unless a CSR brings an RSA key: cheap handshakes matter because every peer
 connection is a TLS handshake. Private keys never leave memory except through `write_secret`.
@@ -7,6 +8,7 @@ connection is a TLS handshake. Private keys never leave memory except through `w
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +156,40 @@ def issue_peer_cert(
         )
         .sign(ca.key, hashes.SHA256())
     )
+
+
+def issue_server_cert(
+    ca: CertificateAuthority, names: list[str], lifetime: dt.timedelta
+) -> tuple[x509.Certificate, bytes]:
+    """A TLS server certificate for `names` (DNS names or IP literals), and its PEM private key.
+
+    Go's crypto/x509, which dockerd and containerd use, matches only subjectAltName, never the CN.
+    """
+    key = new_key()
+    alt_names: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
+    issued = now() - BACKDATE
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(issued)
+        .not_valid_after(issued + BACKDATE + lifetime)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return cert, key_pem(key)
 
 
 def write_secret(path: Path, data: bytes) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import ipaddress
 import logging
 import os
 import ssl
@@ -20,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.certs import BACKDATE, CertificateAuthority, cert_pem, key_pem, new_ca, new_key, now
+from common.certs import CertificateAuthority, cert_pem, issue_server_cert, new_ca, now
 from proxy.routing import certs_dir_names
 
 logger = logging.getLogger(__name__)
@@ -41,33 +38,8 @@ def node_ca(node_id: str) -> CertificateAuthority:
 
 
 def issue_leaf(ca: CertificateAuthority, name: str) -> tuple[x509.Certificate, bytes]:
-    """A server certificate for `name` (DNS name or IP literal), and its PEM private key.
-
-    Go's crypto/x509, which dockerd uses, matches only subjectAltName, never the CN.
-    """
-    key = new_key()
-    try:
-        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        alt = x509.DNSName(name)
-    issued = now() - BACKDATE
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])]))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(issued)
-        .not_valid_after(issued + BACKDATE + LEAF_LIFETIME)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
-        )
-        .sign(ca.key, hashes.SHA256())
-    )
-    return cert, key_pem(key)
+    """A server certificate for one registry host (DNS name or IP literal), and its PEM key."""
+    return issue_server_cert(ca, [name], LEAF_LIFETIME)
 
 
 def server_context(chain_pem: bytes) -> ssl.SSLContext:

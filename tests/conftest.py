@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import trustme
-from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca
+from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_files, new_lab_ca
 from lab.registry import Registry
 from lab.token_server import TokenServer, User
 from lab.tokens import TokenIssuer
+
+from common.certs import CertificateAuthority
 
 # Realm accounts of the `registry` fixture. Anonymous requests get a token with no access.
 USERS = {
@@ -21,8 +22,8 @@ USERS = {
 
 
 @pytest.fixture(scope="session")
-def test_ca() -> trustme.CA:
-    return new_ca()
+def test_ca() -> CertificateAuthority:
+    return new_lab_ca()
 
 
 @pytest.fixture
@@ -32,16 +33,16 @@ def token_issuer() -> TokenIssuer:
 
 @pytest_asyncio.fixture
 async def token_server(
-    test_ca: trustme.CA, token_issuer: TokenIssuer, tmp_path: Path
+    test_ca: CertificateAuthority, token_issuer: TokenIssuer, tmp_path: Path
 ) -> AsyncIterator[TokenServer]:
-    tls = issue_server_cert(test_ca, tmp_path / "auth", "auth", AUTH_NAME, REGISTRY_NAME, LOOPBACK)
+    tls = issue_server_files(test_ca, tmp_path / "auth", "auth", AUTH_NAME, REGISTRY_NAME, LOOPBACK)
     async with TokenServer(token_issuer, tls, USERS) as server:
         yield server
 
 
 @pytest_asyncio.fixture
 async def registry(
-    test_ca: trustme.CA, token_issuer: TokenIssuer, token_server: TokenServer, tmp_path: Path
+    test_ca: CertificateAuthority, token_issuer: TokenIssuer, token_server: TokenServer, tmp_path: Path
 ) -> AsyncIterator[Registry]:
     async with Registry(tmp_path / "registry", test_ca, token_issuer, token_server.realm) as reg:
         yield reg

@@ -120,7 +120,10 @@ async def _join(request: web.Request, tracker: Tracker) -> web.Response:
 
     decision, state = await tracker.store.update_blob(digest, decide)
     tracker.metrics.joins.labels(decision.role.value).inc()
-    logger.info("%s joins %s as %s", node, digest, decision.role.value)
+    logger.info(
+        "%s joins %s as %s", node, digest, decision.role.value,
+        extra={"event": "join", "node": str(node), "digest": str(digest), "role": decision.role.value},
+    )  # fmt: skip
     if decision.role is Role.WAIT:
         return web.json_response(
             {
@@ -175,7 +178,10 @@ async def put_torrent(request: web.Request) -> web.Response:
     state = await _update(tracker, digest, change)
     assert state.publisher is not None and state.info_hash is not None
     tracker.metrics.published.inc()
-    logger.info("%s published the torrent of %s", state.publisher, digest)
+    logger.info(
+        "%s published the torrent of %s", state.publisher, digest,
+        extra={"event": "published", "node": state.publisher, "digest": str(digest)},
+    )  # fmt: skip
     expires_at = int(time.time()) + tracker.config.peer_cert_ttl
     info_hash = InfoHash.from_hex(state.info_hash)
     url = _announce_url(tracker, NodeId.parse(state.publisher), info_hash, expires_at)

@@ -5,5 +5,6 @@
 set -euo pipefail
 here="$(dirname "$0")"
 bash "$here/install.sh"
+python="$(bash "$here/python.sh")"
 cd "$here"
-exec python3 -m lab demo "$@"
+exec "$python" -m lab demo "$@"

@@ -11,24 +11,23 @@ tracker CPU-second, and latency percentiles.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import shutil
-import socket
-import ssl
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
-import trustme
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "local"))  # `lab`
 
+from lab.pki import LOOPBACK, issue_server_files, new_lab_ca, write_ca
 from lab.procstat import cpu_seconds
+from lab.services import Service, free_port, spawn_here, start_tracker
 
 from common.certs import ca_from_pem
 from common.ids import InfoHash, NodeId
@@ -59,44 +58,31 @@ end
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def pinned_to_core_0(argv: Sequence[str], *, log: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    return spawn_here(["taskset", "-c", "0", *argv], log=log, env=env)
 
 
-def start_tracker(work: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(work / "ca.pem"))
-    leaf = ca.issue_cert("127.0.0.1")
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(work / "tls.pem"))
+def tracker(work: Path, port: int) -> tuple[Service, Path]:
+    """A tracker pinned to core 0 with no registry it could reach; its swarm CA file."""
+    ca = new_lab_ca()
+    ca_file = write_ca(ca, work / "ca.pem")
+    tls = issue_server_files(ca, work, "tls", LOOPBACK)
     config = work / "tracker.yaml"
     config.write_text(
         json.dumps(
             {
-                "listen": f"127.0.0.1:{port}",
-                "public_url": f"https://127.0.0.1:{port}",
-                "tls": {"cert": str(work / "tls.pem"), "key": str(work / "tls.pem")},
+                "listen": f"{LOOPBACK}:{port}",
+                "public_url": f"https://{LOOPBACK}:{port}",
+                "tls": {"cert": str(tls.cert), "key": str(tls.key)},
                 "state_dir": str(work / "state"),
                 "log_level": "warning",
                 "registries": [{"host": "registry.invalid:5000", "url": "https://127.0.0.1:9"}],
             }
         )
     )
-    process = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, "-m", "tracker", "--config", str(config)],
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    context = ssl.create_default_context(cafile=str(work / "ca.pem"))
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=context, timeout=1)
-            return process, work / "state" / CA_FILE
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit("tracker did not become healthy within 20 s")
+    url = f"https://{LOOPBACK}:{port}"
+    service = asyncio.run(start_tracker(config, url, ca_file, spawn=pinned_to_core_0, timeout=20))
+    return service, work / "state" / CA_FILE
 
 
 def announce_paths(ca_file: Path, peers: int, torrents: int) -> list[str]:
@@ -128,18 +114,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         port = free_port()
-        process, ca_file = start_tracker(work, port)
+        service, ca_file = tracker(work, port)
         try:
             paths = announce_paths(ca_file, args.peers, args.torrents)
             (work / "load.lua").write_text(WRK_SCRIPT % ",".join(json.dumps(p) for p in paths))
             # Warm-up: every simulated peer announces once, so the swarms are full.
             run_wrk(work, port, 2, args.connections)
-            cpu_before = cpu_seconds(process.pid)
+            cpu_before = cpu_seconds(service.pid)
             output = run_wrk(work, port, args.seconds, args.connections)
-            cpu = cpu_seconds(process.pid) - cpu_before
+            cpu = cpu_seconds(service.pid) - cpu_before
         finally:
-            process.terminate()
-            process.wait(10)
+            asyncio.run(service.stop(timeout=10))
     report(output, cpu, args)
 
 

@@ -47,9 +47,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "local"))  # `lab`
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import trustme
 from lab.images import PushedImage, push_image, random_tar_layer
-from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca
+from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_files, new_lab_ca
 from lab.procstat import cpu_seconds, machine_busy_seconds
 from lab.registry import Registry
 from lab.token_server import TokenServer
@@ -57,7 +56,7 @@ from lab.tokens import TokenIssuer
 
 from tests.conftest import USERS
 from tests.proxy.harness import RunningNode
-from tests.proxy.test_p2p import swarm_node, tracker_entry
+from tests.proxy.test_p2p import swarm_node, tracker_entry, wait_seeding
 from tests.tracker.harness import run_tracker, tracker_config
 
 REPO = "bench/app"
@@ -115,8 +114,7 @@ class Bench:
         self.node = node
         self.image = image
         self.layer_bytes = layer_bytes
-        assert registry._process is not None  # started: its pid is what the CPU column reads
-        self.registry_pid = registry._process.pid
+        self.registry_pid = registry.pid  # what the CPU column reads
         self.certs = work / "skopeo-certs"  # registry CA and node CA, as a docker certs.d dir
         self.certs.mkdir()
         shutil.copy(registry.ca_pem, self.certs / "registry.crt")
@@ -209,18 +207,10 @@ async def run_client(command: Sequence[str], env: dict[str, str]) -> None:
         raise SystemExit(f"{command[0]} failed ({process.returncode}): {err.decode(errors='replace')}")
 
 
-async def wait_published(node: RunningNode, count: int) -> None:
-    deadline = time.monotonic() + PUBLISH_TIMEOUT
-    while node.log().count("published and seeding") < count:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the node published fewer than {count} layers:\n{node.log()[-4000:]}")
-        await asyncio.sleep(0.2)
-
-
 async def measure(args: argparse.Namespace, work: Path, clients: list[str]) -> tuple[list[Series], int]:
-    ca = new_ca()
+    ca = new_lab_ca()
     issuer = TokenIssuer()
-    auth_tls = issue_server_cert(ca, work / "auth", "auth", AUTH_NAME, REGISTRY_NAME, LOOPBACK)
+    auth_tls = issue_server_files(ca, work / "auth", "auth", AUTH_NAME, REGISTRY_NAME, LOOPBACK)
     each = args.size_mib * MiB // args.layers
     async with (
         TokenServer(issuer, auth_tls, USERS) as realm,
@@ -228,7 +218,7 @@ async def measure(args: argparse.Namespace, work: Path, clients: list[str]) -> t
     ):
         image = await push_image(registry, REPO, [random_tar_layer(each, seed=i) for i in range(args.layers)])
         layer_bytes = sum(layer["size"] for layer in json.loads(image.manifest)["layers"])
-        tracker_ca = trustme.CA()
+        tracker_ca = new_lab_ca()
         config = tracker_config(work, tracker_ca, [tracker_entry(registry)], log_level="warning")
         async with (
             run_tracker(work, tracker_ca, config) as tracker,
@@ -238,7 +228,7 @@ async def measure(args: argparse.Namespace, work: Path, clients: list[str]) -> t
             try:
                 # The first pull makes the node origin of every layer; once published they are cached.
                 await run_client(bench.curl(True, image.layer_digests), {"PATH": "/usr/bin:/bin"})
-                await wait_published(node, args.layers)
+                await wait_seeding(node, args.layers, PUBLISH_TIMEOUT)
                 for client in clients:  # untimed: a client's first run is slower, whichever path
                     for through_node in (True, False):
                         await bench.pull(client, through_node)

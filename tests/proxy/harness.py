@@ -1,51 +1,47 @@
-"""Real `python -m proxy` processes for tests: config on disk, started, health-checked, stopped."""
+"""Real `shoal-node` processes for tests: config on disk, started with the lab's launcher, stopped."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from lab.cluster import admin_metric
-from lab.registry import Registry, free_port
+from lab.registry import Registry
+from lab.services import Service, free_port, read_metric, start_node
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CA_FILE = "shoal-node-ca.crt"
 
 
 @dataclass
 class RunningNode:
+    service: Service
     proxy_url: str  # what HTTPS_PROXY names
     admin_url: str
     certs_dir: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.service.process
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.service.log()
 
     def ca_file(self, host: str) -> Path:
         return self.certs_dir / host / CA_FILE
 
     async def metric(self, name: str, **labels: str) -> float:
-        value, text = await admin_metric(self.admin_url, name, **labels)
+        value, text = await read_metric(self.admin_url, name, **labels)
         if value is None:
             raise AssertionError(f"no {name}{labels} in /metrics:\n{text}")
         return value
 
     async def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        return await asyncio.to_thread(self.process.wait, timeout)
+        return await self.service.stop(signum, timeout)
 
 
 def registry_entry(registry: Registry) -> dict[str, Any]:
@@ -67,49 +63,14 @@ def node_config(work: Path, registries: list[dict[str, Any]], **overrides: Any) 
     return config | overrides
 
 
-def start_node(work: Path, config: dict[str, Any]) -> tuple[subprocess.Popen[bytes], Path]:
-    config_path = work / f"node-{config['listen'].rsplit(':', 1)[1]}.yaml"
-    config_path.write_text(json.dumps(config))  # JSON is YAML
-    log_path = config_path.with_suffix(".log")
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--config", str(config_path)],
-            cwd=REPO_ROOT, stdout=log, stderr=log, env=os.environ | {"PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    return process, log_path
+def write_node_config(work: Path, config: dict[str, Any]) -> Path:
+    path = work / f"node-{config['listen'].rsplit(':', 1)[1]}.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
 
 
 @contextlib.asynccontextmanager
 async def run_node(work: Path, config: dict[str, Any]) -> AsyncIterator[RunningNode]:
-    process, log_path = start_node(work, config)
-    node = RunningNode(
-        f"http://{config['listen']}",
-        f"http://{config['admin']}",
-        Path(config["docker_certs_dir"]),
-        process,
-        log_path,
-    )
-    try:
-        await wait_healthy(node)
-        yield node
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(process.wait, 20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-async def wait_healthy(node: RunningNode, timeout: float = 20) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(int(timeout * 20)):
-            if node.process.poll() is not None:
-                raise RuntimeError(f"node exited with {node.process.returncode}:\n{node.log()}")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{node.admin_url}/healthz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"node not healthy after {timeout} s:\n{node.log()}")
+    admin_url = f"http://{config['admin']}"
+    async with await start_node(write_node_config(work, config), admin_url, timeout=20) as service:
+        yield RunningNode(service, f"http://{config['listen']}", admin_url, Path(config["docker_certs_dir"]))

@@ -16,15 +16,15 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-import trustme
 from aiohttp import web
 from cryptography import x509
-from lab.pki import LOOPBACK, REGISTRY_NAME, issue_server_cert
-from lab.registry import free_port
+from lab.pki import LOOPBACK, REGISTRY_NAME, issue_server_files, new_lab_ca, write_ca
+from lab.services import free_port, python_env
 from yarl import URL
 
+from common.certs import CertificateAuthority
 from common.errors import Handler
-from tests.proxy.harness import REPO_ROOT, RunningNode, node_config, run_node
+from tests.proxy.harness import RunningNode, node_config, run_node
 
 HEX = "b" * 64
 BLOB_PATH = f"/v2/team/app/blobs/sha256:{HEX}"
@@ -74,8 +74,8 @@ class FakeServer:
         await self.runner.cleanup()
 
 
-def server_context(ca: trustme.CA, directory: Path, *names: str) -> ssl.SSLContext:
-    tls = issue_server_cert(ca, directory, names[0].replace(":", "_"), *names)
+def server_context(ca: CertificateAuthority, directory: Path, *names: str) -> ssl.SSLContext:
+    tls = issue_server_files(ca, directory, names[0].replace(":", "_"), *names)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls.cert, tls.key)
     return context
@@ -112,7 +112,7 @@ class Fake:
 
 
 @pytest_asyncio.fixture
-async def fake(test_ca: trustme.CA, tmp_path: Path) -> AsyncIterator[Fake]:
+async def fake(test_ca: CertificateAuthority, tmp_path: Path) -> AsyncIterator[Fake]:
     """A TLS 'registry' named registry.shoal.test whose blob GETs redirect to a storage host."""
     storage_app = web.Application()
 
@@ -165,9 +165,9 @@ def fake_entry(registry: FakeServer, ca: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def test_ca_file(test_ca: trustme.CA, tmp_path: Path) -> Path:
+def test_ca_file(test_ca: CertificateAuthority, tmp_path: Path) -> Path:
     path = tmp_path / "test-ca.pem"
-    test_ca.cert_pem.write_to_path(str(path))
+    write_ca(test_ca, path)
     return path
 
 
@@ -199,7 +199,7 @@ async def test_refuses_to_start_on_a_non_loopback_listen(tmp_path: Path) -> None
     path.write_text(json.dumps(config))
     result = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "proxy", "--config", str(path)],
-        cwd=REPO_ROOT, capture_output=True, timeout=30,
+        env=python_env(), capture_output=True, timeout=30,
     )  # fmt: skip
     assert result.returncode != 0
     assert b"listen: must be a loopback address" in result.stderr
@@ -230,7 +230,7 @@ async def test_refusals_are_oci_errors(tmp_path: Path, data: bytes, status: int,
 
 async def test_other_hosts_are_tunnelled_not_decrypted(tmp_path: Path) -> None:
     """The client sees the tunnelled server's own certificate, never one from the node CA."""
-    own_ca = trustme.CA()
+    own_ca = new_lab_ca()
     echo_context = server_context(own_ca, tmp_path / "echo", "auth.shoal.test")
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -252,11 +252,11 @@ async def test_other_hosts_are_tunnelled_not_decrypted(tmp_path: Path) -> None:
             )
             assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 200 Connection established\r\n\r\n"
             client = ssl.create_default_context()
-            own_ca.configure_trust(client)
+            client.load_verify_locations(cadata=own_ca.cert_pem.decode())
             await writer.start_tls(client, server_hostname="auth.shoal.test")
             der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
             issuer = x509.load_der_x509_certificate(der).issuer
-            assert issuer == x509.load_pem_x509_certificate(own_ca.cert_pem.bytes()).subject
+            assert issuer == x509.load_pem_x509_certificate(own_ca.cert_pem).subject
             payload = bytes(range(256)) * 1000
             writer.write(payload)
             assert await reader.readexactly(len(payload)) == payload
@@ -324,7 +324,7 @@ async def test_registry_unreachable_is_502(tmp_path: Path, test_ca_file: Path) -
 async def test_registry_certificate_is_verified_for_its_name(fake: Fake, tmp_path: Path) -> None:
     """Upstream TLS is verified: a registry whose certificate the node cannot verify is a 502."""
     other_ca = tmp_path / "other-ca.pem"
-    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    write_ca(new_lab_ca(), other_ca)
     entry = fake_entry(fake.registry, other_ca)
     async with run_node(tmp_path, node_config(tmp_path, [entry])) as node:
         trust = node_client_context(node, entry["host"])

@@ -12,9 +12,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-import trustme
 from lab.images import PushedImage, push_image
-from lab.registry import Registry, free_port
+from lab.pki import new_lab_ca
+from lab.registry import Registry
+from lab.services import free_port
 
 from tests.proxy.harness import RunningNode, node_config, registry_entry, run_node
 from tests.tracker.harness import RunningTracker, run_tracker, tracker_config
@@ -65,7 +66,7 @@ async def pull_blob(node: RunningNode, registry: Registry, digest: str, token: s
 @contextlib.asynccontextmanager
 async def lab(registry: Registry, work: Path) -> AsyncIterator[tuple[RunningTracker, PushedImage, str]]:
     image = await push_image(registry, REPO, [LAYER])
-    tls_ca = trustme.CA()
+    tls_ca = new_lab_ca()
     config = tracker_config(work, tls_ca, [tracker_entry(registry)], origin_lease=5)
     async with run_tracker(work, tls_ca, config) as tracker:
         yield tracker, image, registry.issuer.token({REPO: ["pull"]})
@@ -80,7 +81,7 @@ async def test_second_node_gets_the_layer_from_the_first(registry: Registry, tmp
         ):
             assert await pull_blob(first, registry, digest, token) == LAYER
             assert await first.metric("shoal_blob_bytes_total", source="upstream") == len(LAYER)
-            await wait_published(first)
+            await wait_seeding(first)
             assert await pull_blob(second, registry, digest, token) == LAYER
             assert await second.metric("shoal_blob_bytes_total", source="p2p") == len(LAYER)
             assert await second.metric("shoal_blob_bytes_total", source="upstream") == 0
@@ -94,12 +95,20 @@ async def test_second_node_gets_the_layer_from_the_first(registry: Registry, tmp
         assert await registry.blob_get_count(digest) == 1
 
 
-async def wait_published(node: RunningNode) -> None:
-    for _ in range(100):
-        if "published and seeding" in node.log():
+async def wait_seeding(node: RunningNode, count: int = 1, timeout: float = 10) -> None:
+    """Until the node's /status lists `count` complete torrents it seeds (an origin seeds once the
+    tracker has accepted its torrent)."""
+    for _ in range(int(timeout / 0.05)):
+        if len(await seeding(node)) >= count:
             return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"origin never published:\n{node.log()}")
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the node seeds {await seeding(node)}, not {count} torrents:\n{node.log()}")
+
+
+async def seeding(node: RunningNode) -> list[str]:
+    async with aiohttp.ClientSession() as session, session.get(f"{node.admin_url}/status") as resp:
+        blobs = (await resp.json())["blobs"]
+    return [b["name"] for b in blobs if b["state"] == "seeding" and b["progress"] == 1.0]
 
 
 async def test_concurrent_pulls_on_one_node_fetch_once(registry: Registry, tmp_path: Path) -> None:
@@ -158,7 +167,7 @@ async def test_seeder_killed_mid_transfer_pull_still_succeeds(registry: Registry
     image = await push_image(registry, REPO, [big])
     digest = image.layer_digests[0]
     token = registry.issuer.token({REPO: ["pull"]})
-    tls_ca = trustme.CA()
+    tls_ca = new_lab_ca()
     config = tracker_config(tmp_path, tls_ca, [tracker_entry(registry)])
     async with (
         run_tracker(tmp_path, tls_ca, config) as tracker,
@@ -168,7 +177,7 @@ async def test_seeder_killed_mid_transfer_pull_still_succeeds(registry: Registry
         swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "leecher") as leecher,
     ):
         assert await pull_blob(seeder, registry, digest, token) == big
-        await wait_published(seeder)
+        await wait_seeding(seeder)
         pull = asyncio.ensure_future(pull_blob(leecher, registry, digest, token))
         while await leecher.metric("shoal_blob_bytes_total", source="p2p") == 0:
             await asyncio.sleep(0.2)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from lab.registry import Registry, free_port
+from lab.registry import Registry
+from lab.services import free_port
 
 from common.config import load_config
 from proxy.blobs import BlobRequest

@@ -1,17 +1,14 @@
-"""Real `shoal-tracker` processes for tests: config written to disk, started, health-checked, stopped."""
+"""Real `shoal-tracker` processes for tests: config on disk, started with the lab's launcher, stopped;
+and a real redis-server for the shared store."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,30 +16,27 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import trustme
+from lab.pki import LOOPBACK, issue_server_files, write_ca
+from lab.services import Service, free_port, https_context, start_tracker
 
+from common.certs import CertificateAuthority
 from tracker.client import TrackerClient
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
 class RunningTracker:
+    service: Service
     url: str
     config_path: Path
     state_dir: Path
     ca_file: Path  # verifies the tracker's TLS
-    process: subprocess.Popen[bytes]
-    log_path: Path
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.service.process
 
     def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca_file))
+        return https_context(self.ca_file)
 
     @contextlib.asynccontextmanager
     async def client(self) -> AsyncIterator[tuple[TrackerClient, aiohttp.ClientSession]]:
@@ -50,19 +44,18 @@ class RunningTracker:
             yield TrackerClient(session, self.url, self.ssl_context()), session
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.service.log()
 
 
 def tracker_config(
-    work: Path, tls_ca: trustme.CA, registries: list[dict[str, Any]], **overrides: Any
+    work: Path, tls_ca: CertificateAuthority, registries: list[dict[str, Any]], **overrides: Any
 ) -> dict[str, Any]:
     port = free_port()
-    tls = work / f"tracker-tls-{port}.pem"
-    tls_ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(tls))
+    tls = issue_server_files(tls_ca, work, f"tracker-tls-{port}", LOOPBACK, "localhost")
     config = {
-        "listen": f"127.0.0.1:{port}",
-        "public_url": f"https://127.0.0.1:{port}",
-        "tls": {"cert": str(tls), "key": str(tls)},
+        "listen": f"{LOOPBACK}:{port}",
+        "public_url": f"https://{LOOPBACK}:{port}",
+        "tls": {"cert": str(tls.cert), "key": str(tls.key)},
         "state_dir": str(work / "tracker-state"),
         "registries": registries,
         "log_level": "debug",
@@ -72,52 +65,14 @@ def tracker_config(
 
 @contextlib.asynccontextmanager
 async def run_tracker(
-    work: Path, tls_ca: trustme.CA, config: dict[str, Any]
+    work: Path, tls_ca: CertificateAuthority, config: dict[str, Any]
 ) -> AsyncIterator[RunningTracker]:
-    ca_file = work / "tracker-ca.pem"
-    tls_ca.cert_pem.write_to_path(str(ca_file))
+    ca_file = write_ca(tls_ca, work / "tracker-ca.pem")
     config_path = work / f"tracker-{config['listen'].rsplit(':', 1)[1]}.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
-    log_path = config_path.with_suffix(".log")
-    with open(log_path, "ab") as log, _process(config_path, log) as process:
-        tracker = RunningTracker(
-            config["public_url"], config_path, Path(config["state_dir"]), ca_file, process, log_path
-        )
-        await _wait_healthy(tracker)
-        yield tracker
-
-
-@contextlib.contextmanager
-def _process(config_path: Path, log: Any) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tracker", "--config", str(config_path)],
-        cwd=REPO_ROOT, stdout=log, stderr=log, env=os.environ | {"PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-async def _wait_healthy(tracker: RunningTracker, timeout: float = 20) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(int(timeout * 10)):
-            if tracker.process.poll() is not None:
-                raise RuntimeError(f"tracker exited with {tracker.process.returncode}:\n{tracker.log()}")
-            try:
-                async with session.get(f"{tracker.url}/healthz", ssl=tracker.ssl_context()) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"tracker not healthy after {timeout} s:\n{tracker.log()}")
+    url = config["public_url"]
+    async with await start_tracker(config_path, url, ca_file, timeout=20) as service:
+        yield RunningTracker(service, url, config_path, Path(config["state_dir"]), ca_file)
 
 
 @contextlib.contextmanager

@@ -15,16 +15,15 @@ from urllib.parse import quote_from_bytes
 import aiohttp
 import pytest
 import pytest_asyncio
-import trustme
 from cryptography import x509
 from lab.images import push_image
-from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca
+from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_files, new_lab_ca
 from lab.registry import Registry
 from lab.token_server import TokenServer
 from lab.tokens import TokenIssuer
 
 from common import bencoding
-from common.certs import make_csr, new_key
+from common.certs import CertificateAuthority, make_csr, new_key
 from common.ids import Digest, NodeId, Repository
 from tests.common.test_certs import corrupt_signature
 from tests.conftest import USERS
@@ -39,7 +38,7 @@ NODE = NodeId.parse("node-1")
 @dataclass
 class Lab:
     registry: Registry
-    tls_ca: trustme.CA
+    tls_ca: CertificateAuthority
     work: Path
     blob_a: Digest  # only in REPO_A
     blob_b: Digest  # only in REPO_B
@@ -64,8 +63,8 @@ class Lab:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
     work = tmp_path_factory.mktemp("tracker-lab")
-    ca, issuer = new_ca(), TokenIssuer()
-    tls = issue_server_cert(ca, work / "auth", "auth", AUTH_NAME, REGISTRY_NAME, LOOPBACK)
+    ca, issuer = new_lab_ca(), TokenIssuer()
+    tls = issue_server_files(ca, work / "auth", "auth", AUTH_NAME, REGISTRY_NAME, LOOPBACK)
     async with (
         TokenServer(issuer, tls, USERS) as realm,
         Registry(work / "registry", ca, issuer, realm.realm) as registry,
@@ -75,7 +74,7 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
         image_a = await push_image(registry, REPO_A, [layer_a])
         image_b = await push_image(registry, REPO_B, [layer_b])
         blob_a, blob_b = (Digest.parse(image.layer_digests[0]) for image in (image_a, image_b))
-        yield Lab(registry, trustme.CA(), work, blob_a, blob_b, layer_a)
+        yield Lab(registry, new_lab_ca(), work, blob_a, blob_b, layer_a)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -267,7 +266,7 @@ async def test_publish_checks_lease_and_metainfo(lab: Lab, tracker: RunningTrack
         with pytest.raises(TrackerRefused) as wrong_lease:
             await client.publish(lab.blob_a, "not-the-lease", good)
         assert wrong_lease.value.status == 409
-        other_ca = make_metainfo(lab.blob_a, lab.blob_a_bytes, trustme.CA().cert_pem.bytes())
+        other_ca = make_metainfo(lab.blob_a, lab.blob_a_bytes, new_lab_ca().cert_pem)
         with pytest.raises(TrackerRefused) as wrong_ca:
             await client.publish(lab.blob_a, origin.lease, other_ca)
         assert wrong_ca.value.status == 400

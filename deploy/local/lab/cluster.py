@@ -30,12 +30,8 @@ import os
 import secrets
 import shlex
 import shutil
-import ssl
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,18 +39,18 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
+from lab import services
 from lab.images import PushedImage, push_image, random_tar_layer
-from lab.netns import Network, require_tools, terminate
-from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert, new_ca, write_ca
+from lab.netns import TOOLS, Network, terminate
+from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_files, new_lab_ca, write_ca
 from lab.procstat import cpu_seconds
 from lab.registry import Registry
+from lab.services import DOCKERD_TOOLS, Dockerd, Service, log_tail, read_metric, require_tools
 from lab.token_server import User, write_config
 from lab.tokens import TokenIssuer
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-LAB_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # deploy/local: lets children import `lab`
 DOCKERD_DROP_IN = REPO_ROOT / "deploy/systemd/docker.service.d/shoal-node.conf"
 
 TRACKER_NAME = "tracker.shoal.test"
@@ -73,16 +69,7 @@ USERS = {
     PUSHER[0]: User(PUSHER[1], {"*": ["pull", "push"]}),
     TEAM_A[0]: User(TEAM_A[1], {"team/a": ["pull"]}),
 }
-LAB_TOOLS = {
-    "ip": "iproute2",
-    "tc": "iproute2",
-    "unshare": "util-linux",
-    "nsenter": "util-linux",
-    "dockerd": "docker.io",
-    "docker": "docker.io",
-    "containerd": "containerd",
-    "docker-registry": "docker-registry",
-}
+LAB_TOOLS = {**TOOLS, **DOCKERD_TOOLS, "docker-registry": "docker-registry"}
 
 
 def dockerd_environment(drop_in: Path = DOCKERD_DROP_IN) -> dict[str, str]:
@@ -99,54 +86,6 @@ def dockerd_environment(drop_in: Path = DOCKERD_DROP_IN) -> dict[str, str]:
     return env
 
 
-def log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as error:
-        return f"({path}: {error})"
-
-
-async def _wait(
-    what: str,
-    log: Path,
-    process: subprocess.Popen[bytes],
-    probe: Callable[[], Awaitable[bool]],
-    timeout: float,
-) -> None:
-    """Poll `probe()` until it returns True; fail with the service's log tail if it exits or times
-    out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}; {log}:\n{log_tail(log)}")
-        with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
-            if await probe():
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not healthy after {timeout:.0f} s; {log}:\n{log_tail(log)}")
-        await asyncio.sleep(0.1)
-
-
-async def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
-    timeout = aiohttp.ClientTimeout(total=2)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.get(url, ssl=context or False) as resp,
-    ):
-        return resp.status == 200
-
-
-async def admin_metric(admin_url: str, name: str, **labels: str) -> tuple[float | None, str]:
-    """One sample of a node's /metrics (None when absent), and the whole text for messages."""
-    async with aiohttp.ClientSession() as session, session.get(f"{admin_url}/metrics") as response:
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value), text
-    return None, text
-
-
 @dataclass
 class Node:
     """One lab node: a `shoal-node` and the dockerd that pulls through it."""
@@ -158,8 +97,8 @@ class Node:
     workdir: Path
     run_dir: Path  # short: Unix socket paths are limited to 108 bytes
     admin_url: str = ""  # reachable from the root namespace (a loopback forward into the node)
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    dockerd_process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    service: Service | None = field(default=None, repr=False)  # its shoal-node
+    dockerd_service: Service | None = field(default=None, repr=False)
 
     @property
     def config_path(self) -> Path:
@@ -183,8 +122,12 @@ class Node:
         return self.workdir / "cache"
 
     @property
+    def dockerd(self) -> Dockerd:
+        return Dockerd(self.workdir, self.etc_docker, self.run_dir)
+
+    @property
     def docker_host(self) -> str:
-        return f"unix://{self.run_dir / 'docker.sock'}"
+        return self.dockerd.host
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -194,7 +137,7 @@ class Node:
 
     async def metric(self, name: str, **labels: str) -> float:
         """A sample of the node's /metrics; 0 when the node has not recorded it yet."""
-        value, _ = await admin_metric(self.admin_url, name, **labels)
+        value, _ = await read_metric(self.admin_url, name, **labels)
         return 0.0 if value is None else value
 
     async def blob_bytes(self) -> dict[str, float]:
@@ -204,8 +147,8 @@ class Node:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) of the running shoal-node process."""
-        assert self.process is not None
-        return cpu_seconds(self.process.pid)
+        assert self.service is not None
+        return cpu_seconds(self.service.pid)
 
     async def skopeo_copy(
         self,
@@ -242,19 +185,7 @@ class Node:
 
     async def docker(self, *args: str, stdin: bytes | None = None, timeout: float = 300) -> tuple[int, str]:
         """The docker CLI against this node's dockerd: (exit code, stdout and stderr)."""
-        process = await asyncio.create_subprocess_exec(
-            "docker", "-H", self.docker_host, *args,
-            env={"PATH": os.environ["PATH"], "DOCKER_CONFIG": str(self.workdir / "client")},
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            out, _ = await asyncio.wait_for(process.communicate(stdin), timeout)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
-        assert process.returncode is not None
-        return process.returncode, out.decode(errors="replace")
+        return await self.dockerd.docker(*args, stdin=stdin, timeout=timeout)
 
     async def login(self, user: tuple[str, str] = READER) -> tuple[int, str]:
         """`docker login` to the lab registry as one of the realm's `USERS`."""
@@ -311,14 +242,14 @@ class Cluster:
             workdir=self.workdir,
             remove_workdir=self.remove_workdir,
         )
-        self.ca = new_ca()
+        self.ca = new_lab_ca()
         self.issuer = TokenIssuer()
         self.nodes: list[Node] = []
         self.tracker_url = ""  # from the root namespace; nodes use `tracker_public_url`
         self.tracker_public_url = f"https://{TRACKER_NAME}:{TRACKER_PORT}"
         self.realm = f"https://{AUTH_NAME}:{AUTH_PORT}/token"
         self._registry: Registry | None = None
-        self._tracker: subprocess.Popen[bytes] | None = None
+        self._tracker: Service | None = None
         self._stack = AsyncExitStack()
 
     # public helpers
@@ -334,11 +265,26 @@ class Cluster:
         return self.workdir / "lab-ca.crt"
 
     @property
+    def tracker_config_path(self) -> Path:
+        return self.workdir / "tracker" / "tracker.yaml"
+
+    @property
     def tracker_log_path(self) -> Path:
-        return self.workdir / "tracker" / "tracker.log"
+        return self.tracker_config_path.with_suffix(".log")
 
     def tracker_log(self) -> str:
         return self.tracker_log_path.read_text(errors="replace")
+
+    def tracker_events(self, event: str, **fields: str) -> list[dict[str, Any]]:
+        """The tracker's structured log records of `event` (`join`, `published`) whose fields
+        match `fields`, e.g. `tracker_events("join", node="node-1")`."""
+        records = []
+        for line in self.tracker_log().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
+                    records.append(record)
+        return records
 
     def reference(self, image: PushedImage) -> str:
         return f"{self.registry.host}/{image.repo}:{image.tag}"
@@ -355,26 +301,24 @@ class Cluster:
         return await push_image(self.registry, repo, layers, tag=tag)
 
     async def kill_tracker(self) -> None:
-        if self._tracker is not None and self._tracker.poll() is None:
-            self._tracker.kill()
-            await asyncio.to_thread(self._tracker.wait)
+        if self._tracker is not None:
+            await self._tracker.kill()
 
     async def start_tracker(self) -> None:
         """Start the tracker again with the same config and state dir (CA and torrents survive)."""
-        if self._tracker is not None and self._tracker.poll() is None:
+        if self._tracker is not None and self._tracker.running():
             raise RuntimeError("the tracker is running")
         await self._start_tracker()
 
     async def kill_node(self, index: int) -> None:
         """SIGKILL `nodes[index]`'s shoal-node (its dockerd keeps running)."""
-        process = self.nodes[index].process
-        if process is not None and process.poll() is None:
-            process.kill()
-            await asyncio.to_thread(process.wait)
+        service = self.nodes[index].service
+        if service is not None:
+            await service.kill()
 
     async def start_node(self, index: int) -> None:
         node = self.nodes[index]
-        if node.process is not None and node.process.poll() is None:
+        if node.service is not None and node.service.running():
             raise RuntimeError(f"{node.name} is running")
         await self._start_node(node)
 
@@ -382,6 +326,14 @@ class Cluster:
         """SIGKILL, then start again with the same config and cache dir."""
         await self.kill_node(index)
         await self.start_node(index)
+
+    async def restart_dockerd(self, index: int, *, through_node: bool = True) -> None:
+        """Stop `nodes[index]`'s dockerd and start it again, pulling through its shoal-node as the
+        drop-in says, or (`through_node=False`) straight from the registry, as without shoal."""
+        node = self.nodes[index]
+        if node.dockerd_service is not None:
+            await node.dockerd_service.stop(timeout=30)
+        await self._start_dockerd(node, through_node=through_node)
 
     # lifecycle
 
@@ -403,10 +355,11 @@ class Cluster:
     async def _stop(self) -> None:
         """dockerds first (they hold no lab state), then nodes, tracker, realm and registry; the
         network's teardown then kills anything left and removes the namespaces."""
-        daemons = [n.dockerd_process for n in self.nodes if n.dockerd_process is not None]
-        nodes = [n.process for n in self.nodes if n.process is not None]
+        daemons = [n.dockerd_service.process for n in self.nodes if n.dockerd_service is not None]
+        services = [n.service for n in self.nodes if n.service is not None]
+        services += [self._tracker] if self._tracker is not None else []
         await asyncio.to_thread(terminate, daemons, 30)
-        await asyncio.to_thread(terminate, [*nodes, *([self._tracker] if self._tracker else [])])
+        await asyncio.to_thread(terminate, [service.process for service in services])
         await self._stack.aclose()
 
     async def _start(self) -> None:
@@ -414,7 +367,7 @@ class Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         write_ca(self.ca, self.ca_file)
         registry_dir = self.workdir / "registry"
-        auth_tls = issue_server_cert(self.ca, registry_dir, "auth", AUTH_NAME, net.ip("registry"))
+        auth_tls = issue_server_files(self.ca, registry_dir, "auth", AUTH_NAME, net.ip("registry"), LOOPBACK)
         realm_config = write_config(
             registry_dir / "realm.json",
             self.issuer,
@@ -422,16 +375,12 @@ class Cluster:
             USERS,
             listen=f"{net.ip('registry')}:{AUTH_PORT}",
         )
-        realm_log = registry_dir / "realm.log"
-        realm = net.popen(
-            "registry", [sys.executable, "-m", "lab.token_server", "--config", str(realm_config)],
-            log=realm_log, env=self._python_env(), cwd=REPO_ROOT,
-        )  # fmt: skip
+        realm_port = await net.forward("registry", AUTH_PORT, target=net.ip("registry"))
         registry_port = await net.forward("registry", REGISTRY_PORT, target=net.ip("registry"))
         self._registry = Registry(
             registry_dir, self.ca, self.issuer, self.realm, port=REGISTRY_PORT,
             startup_timeout=self.startup_timeout, listen_ip=net.ip("registry"),
-            url=f"https://{LOOPBACK}:{registry_port}", command_prefix=net.exec_prefix("registry"),
+            url=f"https://{LOOPBACK}:{registry_port}", spawn=net.spawner("registry"),
         )  # fmt: skip
         self.tracker_url = f"https://{LOOPBACK}:{await net.forward('tracker', TRACKER_PORT)}"
         self._write_tracker_config()
@@ -443,12 +392,16 @@ class Cluster:
             self._write_node_files(node)
             self.nodes.append(node)
 
-        async def realm_ready() -> bool:
-            return "listening on" in realm_log.read_text(errors="replace")
+        async def start_realm() -> None:
+            realm = await services.start_realm(
+                realm_config, f"https://{LOOPBACK}:{realm_port}", self.ca_file,
+                spawn=net.spawner("registry"), timeout=self.startup_timeout,
+            )  # fmt: skip
+            self._stack.push_async_exit(realm)
 
         starts = [
             self._stack.enter_async_context(self._registry),
-            _wait("token realm", realm_log, realm, realm_ready, self.startup_timeout),
+            start_realm(),
             self._start_tracker(),
             *(self._start_node(node) for node in self.nodes),
             *(self._start_dockerd(node) for node in self.nodes),
@@ -462,13 +415,9 @@ class Cluster:
                 "the lab did not start:\n\n" + "\n\n".join(map(str, errors.exceptions))
             ) from errors
 
-    def _python_env(self) -> dict[str, str]:
-        path = os.pathsep.join(filter(None, [str(LAB_PACKAGE_DIR), os.environ.get("PYTHONPATH")]))
-        return os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-
     def _write_tracker_config(self) -> None:
         directory = self.workdir / "tracker"
-        tls = issue_server_cert(
+        tls = issue_server_files(
             self.ca, directory, "tracker", TRACKER_NAME, LOOPBACK, self.network.ip("tracker")
         )
         registry = self.registry
@@ -491,20 +440,13 @@ class Cluster:
                 }
             ],
         } | self.tracker_options
-        (directory / "tracker.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
+        self.tracker_config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
 
     async def _start_tracker(self) -> None:
-        log = self.tracker_log_path
-        self._tracker = self.network.popen(
-            "tracker", [sys.executable, "-m", "tracker", "--config", str(log.with_suffix(".yaml"))],
-            log=log, env=self._python_env(), cwd=REPO_ROOT,
+        self._tracker = await services.start_tracker(
+            self.tracker_config_path, self.tracker_url, self.ca_file,
+            spawn=self.network.spawner("tracker"), timeout=self.startup_timeout,
         )  # fmt: skip
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-
-        async def healthy() -> bool:
-            return await _http_ok(f"{self.tracker_url}/healthz", context)
-
-        await _wait("shoal-tracker", log, self._tracker, healthy, self.startup_timeout)
 
     def _write_node_files(self, node: Node) -> None:
         node.run_dir.mkdir(parents=True, exist_ok=True)
@@ -526,42 +468,16 @@ class Cluster:
         node.config_path.write_text(json.dumps(config, indent=2))
 
     async def _start_node(self, node: Node) -> None:
-        node.process = self.network.popen(
-            node.name, [sys.executable, "-m", "proxy", "--config", str(node.config_path)],
-            log=node.log_path, env=self._python_env(), cwd=REPO_ROOT,
+        node.service = await services.start_node(
+            node.config_path, node.admin_url, spawn=self.network.spawner(node.name),
+            name=f"shoal-node {node.name}", timeout=self.startup_timeout,
         )  # fmt: skip
 
-        async def healthy() -> bool:
-            return await _http_ok(f"{node.admin_url}/healthz")
-
-        await _wait(f"shoal-node {node.name}", node.log_path, node.process, healthy, self.startup_timeout)
-
-    async def _start_dockerd(self, node: Node) -> None:
-        """dockerd in the node's network namespace and a mount namespace of its own, where the
-        node's `etc-docker` is /etc/docker (dockerd reads trust only from /etc/docker/certs.d).
-        Not under `ip netns exec`: that remounts /sys, which hides the cgroup mounts dockerd needs."""
-        prefix = [
-            "unshare", "--mount", "--propagation", "private",
-            "nsenter", f"--net=/run/netns/{node.namespace}",
-            "sh", "-c", 'mount --bind "$0" /etc/docker && exec "$@"', str(node.etc_docker),
-        ]  # fmt: skip
-        argv = [
-            "dockerd", "--host", node.docker_host, "--data-root", str(node.workdir / "docker"),
-            "--exec-root", str(node.run_dir / "exec"), "--pidfile", str(node.run_dir / "dockerd.pid"),
-            "--storage-driver=vfs", "--iptables=false", "--ip-masq=false", "--bridge=none",
-        ]  # fmt: skip
-        env = {"PATH": os.environ["PATH"], **dockerd_environment()}
-        node.dockerd_process = self.network.popen(
-            None, argv, prefix=prefix, log=node.dockerd_log_path, env=env
-        )
-
-        async def healthy() -> bool:
-            return (await node.docker("version", timeout=10))[0] == 0
-
-        await _wait(
-            f"dockerd of {node.name}",
-            node.dockerd_log_path,
-            node.dockerd_process,
-            healthy,
-            self.startup_timeout,
-        )
+    async def _start_dockerd(self, node: Node, *, through_node: bool = True) -> None:
+        """dockerd in the node's network namespace, with the proxy environment operators install
+        (`DOCKERD_DROP_IN`), or without a proxy, resolving the lab's names itself."""
+        node.dockerd_service = await services.start_dockerd(
+            node.dockerd, dockerd_environment() if through_node else {},
+            netns=node.namespace, hosts=None if through_node else self.network.hosts_path(node.name),
+            spawn=self.network.spawner(None), timeout=self.startup_timeout,
+        )  # fmt: skip

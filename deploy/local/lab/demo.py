@@ -1,6 +1,7 @@
 """The README demo: a lab of N nodes, an image of three ~100 MB layers pushed to its registry,
-`docker pull` on every node at once through shoal, a table of where the bytes came from, and a
-container run from the image.
+`docker pull` on every node at once through shoal, a table of where the bytes came from, the
+slowest node against one node pulling an image of the same size alone straight from the
+registry (measured first, in the same lab), and a container run from the image.
 
     python3 -m lab demo [--nodes 3] [--rate 200mbit] [--layer-mb 100]
 """
@@ -41,9 +42,21 @@ def demo_layers(layer_bytes: int, seed: int) -> list[bytes]:
     return layers
 
 
-async def push_demo_image(cluster: Cluster, layer_bytes: int) -> PushedImage:
+async def push_demo_image(cluster: Cluster, layer_bytes: int, tag: str) -> PushedImage:
     layers = await asyncio.to_thread(demo_layers, layer_bytes, time.time_ns())
-    return await push_image(cluster.registry, REPO, layers)
+    return await push_image(cluster.registry, REPO, layers, tag=tag)
+
+
+async def pull_alone_direct(cluster: Cluster, reference: str) -> float:
+    """Seconds node-1's dockerd takes to pull `reference` alone, straight from the registry (its
+    dockerd restarted without the proxy, then again through its shoal-node)."""
+    await cluster.restart_dockerd(0, through_node=False)
+    try:
+        started = time.monotonic()
+        await cluster.nodes[0].pull(reference)
+        return time.monotonic() - started
+    finally:
+        await cluster.restart_dockerd(0, through_node=True)
 
 
 async def demo(nodes: int, rate: str | None, layer_mb: int, workdir: Path | None) -> None:
@@ -52,12 +65,22 @@ async def demo(nodes: int, rate: str | None, layer_mb: int, workdir: Path | None
     started = time.monotonic()
     async with Cluster(nodes, rate=rate, workdir=workdir) as cluster:
         say(f"lab up in {time.monotonic() - started:.1f} s (work dir {cluster.workdir})")
-        image = await push_demo_image(cluster, layer_mb * 1_000_000)
+        image = await push_demo_image(cluster, layer_mb * 1_000_000, "latest")
+        baseline = await push_demo_image(cluster, layer_mb * 1_000_000, "baseline")
         reference = cluster.reference(image)
-        say(f"pushed {reference}: {LAYERS} layers of random data, the first with busybox")
+        say(f"pushed {reference} and :baseline, each {LAYERS} layers of random data, the first with busybox")
+        first = cluster.nodes[0].name
+        say(f"\ndocker pull of :baseline on {first} alone, straight from the registry (no shoal) ...")
+        alone = await pull_alone_direct(cluster, cluster.reference(baseline))
+        say(f"  {alone:.1f} s")
         say(f"\ndocker pull on all {nodes} nodes at once (share of the layers each node has received):")
         result = await roll_out(cluster, image, lambda node: node.pull(reference), progress=say)
-        say("\n" + rollout_table(result) + "\n")
+        say("\n" + rollout_table(result))
+        slowest = max(result.pulls, key=lambda pull: pull.seconds)
+        say(
+            f"slowest node: {slowest.node} {slowest.seconds:.1f} s = {slowest.seconds / alone:.2f} x one node"
+            f" pulling alone straight from the registry ({alone:.1f} s, {first}, same run)\n"
+        )
         for node in cluster.nodes:
             image_id = await node.image_id(reference)
             if image_id != image.config_digest:

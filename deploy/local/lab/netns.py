@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -48,7 +49,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
+
+from lab.services import Spawn, require_tools, run_command, spawn_here
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +63,6 @@ SWITCH = "switch"
 MAX_LABS = 256  # the third octet of 10.77.<id>.0/24
 CLONE_NEWNET = 0x40000000
 TOOLS = {"ip": "iproute2", "tc": "iproute2", "unshare": "util-linux", "nsenter": "util-linux"}
-
-
-def require_tools(tools: Mapping[str, str] = TOOLS) -> None:
-    """Fail, saying what to install, when a tool or root is missing (never skip: that hides it)."""
-    missing = sorted({package for tool, package in tools.items() if shutil.which(tool) is None})
-    if missing:
-        raise RuntimeError(f"the lab needs {', '.join(tools)}: apt-get install -y {' '.join(missing)}")
-    if os.geteuid() != 0:
-        raise RuntimeError("the lab needs root (network and mount namespaces): run it as root")
 
 
 def rate_bytes(rate: str) -> int:
@@ -245,6 +239,10 @@ class Network:
         """Per-lab directory for short paths (Unix sockets must stay under 108 bytes)."""
         return RUN_ROOT / str(self.lab_id)
 
+    def hosts_path(self, host: str) -> Path:
+        """The host's /etc/hosts (`ip netns exec` bind-mounts it for the commands it starts)."""
+        return ETC_NETNS / self.namespace(host) / "hosts"
+
     def hosts_file(self) -> str:
         lines = ["127.0.0.1 localhost", "::1 localhost"]
         lines += [" ".join([self.ip(host), host, *self.aliases.get(host, [])]) for host in self.hosts]
@@ -265,42 +263,20 @@ class Network:
         self, host: str, argv: Sequence[str], *, timeout: float = 60, env: Mapping[str, str] | None = None
     ) -> tuple[int, str]:
         """Like `run`, without blocking the event loop: (exit code, stdout and stderr)."""
-        process = await asyncio.create_subprocess_exec(
-            *self.exec_prefix(host), *argv, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
-        )  # fmt: skip
-        try:
-            out, _ = await asyncio.wait_for(process.communicate(), timeout)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
-        assert process.returncode is not None
-        return process.returncode, out.decode(errors="replace")
+        return await run_command([*self.exec_prefix(host), *argv], env=env, timeout=timeout)
 
     def popen(
-        self,
-        host: str | None,
-        argv: Sequence[str],
-        *,
-        log: Path | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
-        prefix: Sequence[str] | None = None,
+        self, host: str | None, argv: Sequence[str], *, log: Path, env: Mapping[str, str]
     ) -> subprocess.Popen[bytes]:
-        """Start `argv` inside `host` (or, with `prefix`, under that command instead of `ip netns
-        exec`), output appended to `log`; the lab stops it at teardown if nobody did before."""
-        command = [*(prefix if prefix is not None else self.exec_prefix(host or "")), *argv]
-        output: IO[bytes] | int = subprocess.DEVNULL
-        with contextlib.ExitStack() as stack:
-            if log is not None:
-                output = stack.enter_context(log.open("ab"))
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
-            )  # fmt: skip
+        """Start `argv` inside `host` (None: as it is, for a command that enters the namespace
+        itself), output appended to `log`; the lab stops it at teardown if nobody did before."""
+        process = spawn_here([*(self.exec_prefix(host) if host else []), *argv], log=log, env=env)
         self._processes.append(process)
         return process
+
+    def spawner(self, host: str | None) -> Spawn:
+        """A `lab.services.Spawn` that starts services inside `host` (see `popen`)."""
+        return functools.partial(self.popen, host)
 
     async def forward(self, host: str, port: int, *, target: str = "127.0.0.1") -> int:
         """A port on the root namespace's loopback that reaches `target:port` as seen from inside
@@ -351,7 +327,7 @@ class Network:
     # lifecycle
 
     async def __aenter__(self) -> Network:
-        require_tools()
+        require_tools(TOOLS)
         await asyncio.to_thread(cleanup_stale)
         try:
             await asyncio.to_thread(self._build)
@@ -420,9 +396,8 @@ class Network:
         hosts_file = self.hosts_file()
         for host in self.hosts:
             namespace = self.namespace(host)
-            etc = ETC_NETNS / namespace
-            etc.mkdir(parents=True, exist_ok=True)
-            (etc / "hosts").write_text(hosts_file)
+            self.hosts_path(host).parent.mkdir(parents=True, exist_ok=True)
+            self.hosts_path(host).write_text(hosts_file)
             _run(["ip", "netns", "add", namespace])
             _run(["ip", "-n", namespace, "link", "set", "lo", "up"])
             # One end in the host, the other in the switch: nothing appears in the root namespace.

@@ -1,15 +1,20 @@
-"""The test CA: every TLS server the tests start (registry, token realm) has a cert from it."""
+"""The lab's CA: every TLS server of a lab or a test (registry, token realm, tracker) has a
+certificate from one, made with shoal's own certificate functions (`common.certs`)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-import trustme
+from common.certs import CertificateAuthority, cert_pem, issue_server_cert, new_ca, write_secret
 
 REGISTRY_NAME = "registry.shoal.test"
 AUTH_NAME = "auth.shoal.test"
 LOOPBACK = "127.0.0.1"
+# A lab or a test run lasts hours at most; a month leaves room for a lab kept up by hand.
+SERVER_CERT_LIFETIME = dt.timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -18,21 +23,27 @@ class ServerCert:
     key: Path
 
 
-def new_ca() -> trustme.CA:
-    # EC P-256 keys: cheap handshakes, same as the node's own certificates.
-    return trustme.CA(key_type=trustme.KeyType.ECDSA)
+def new_lab_ca() -> CertificateAuthority:
+    return new_ca("shoal lab CA")
 
 
-def write_ca(ca: trustme.CA, path: Path) -> Path:
-    ca.cert_pem.write_to_path(str(path))
+def write_ca(ca: CertificateAuthority, path: Path) -> Path:
+    path.write_bytes(ca.cert_pem)
     return path
 
 
-def issue_server_cert(ca: trustme.CA, directory: Path, name: str, *hosts: str) -> ServerCert:
-    """Leaf for `hosts` (DNS names or IP literals) written as `<name>.crt` / `<name>.key`."""
+def issue_server_files(ca: CertificateAuthority, directory: Path, name: str, *hosts: str) -> ServerCert:
+    """Leaf for `hosts` (DNS names or IP literals) written as `<name>.crt` / `<name>.key` (0600)."""
     directory.mkdir(parents=True, exist_ok=True)
-    leaf = ca.issue_cert(*hosts, key_type=trustme.KeyType.ECDSA)
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    leaf.private_key_pem.write_to_path(str(key))
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    return ServerCert(cert=cert, key=key)
+    leaf, key = issue_server_cert(ca, list(hosts), SERVER_CERT_LIFETIME)
+    cert, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    key_path.unlink(missing_ok=True)
+    write_secret(key_path, key)
+    cert.write_bytes(cert_pem(leaf) + ca.cert_pem)
+    return ServerCert(cert=cert, key=key_path)
+
+
+def server_context(tls: ServerCert) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls.cert, tls.key)
+    return context

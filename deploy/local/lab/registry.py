@@ -9,22 +9,21 @@ request of our own to appear in the log (`flush_log`).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
-import socket
 import ssl
-import subprocess
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import aiohttp
-import trustme
 import yaml
 
-from lab.pki import LOOPBACK, REGISTRY_NAME, issue_server_cert, write_ca
+from common.certs import CertificateAuthority
+from lab.pki import LOOPBACK, REGISTRY_NAME, issue_server_files, write_ca
+from lab.services import Service, Spawn, free_port, http_status, log_tail, spawn_here, started
 from lab.tokens import TokenIssuer
 
 BINARY = Path("/usr/bin/docker-registry")
@@ -41,13 +40,6 @@ class AccessLogEntry:
     path: str  # without the query string
     status: int
     size: int  # body bytes written
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def parse_access_log(text: str) -> list[AccessLogEntry]:
@@ -74,7 +66,7 @@ class Registry:
     def __init__(
         self,
         workdir: Path,
-        ca: trustme.CA,
+        ca: CertificateAuthority,
         issuer: TokenIssuer,
         realm: str,
         *,
@@ -82,11 +74,11 @@ class Registry:
         startup_timeout: float = 20.0,
         listen_ip: str = LOOPBACK,
         url: str | None = None,
-        command_prefix: Sequence[str] = (),
+        spawn: Spawn = spawn_here,
     ) -> None:
-        """`listen_ip`, `url` and `command_prefix` place it elsewhere, e.g. in a lab namespace:
-        it listens on `listen_ip:port`, runs under `command_prefix` (`ip netns exec NS`), and the
-        tests reach it at `url` (default `https://127.0.0.1:<port>`)."""
+        """`listen_ip`, `url` and `spawn` place it elsewhere, e.g. in a lab namespace: it listens
+        on `listen_ip:port`, is started by `spawn` (`Network.spawner(host)`), and the tests reach
+        it at `url` (default `https://127.0.0.1:<port>`)."""
         if not BINARY.exists():
             raise RuntimeError(f"{BINARY} not found: install Debian package docker-registry")
         workdir.mkdir(parents=True, exist_ok=True)
@@ -95,13 +87,13 @@ class Registry:
         self.host = f"{REGISTRY_NAME}:{self.port}"
         self.listen_ip = listen_ip
         self.url = url if url is not None else f"https://{LOOPBACK}:{self.port}"
-        self.command_prefix = list(command_prefix)
+        self.spawn = spawn
         self.issuer = issuer
         self.service = issuer.service
         self.issuer_name = issuer.issuer_name
         self.realm = realm
         self.ca_pem = write_ca(ca, workdir / "ca.crt")
-        self.tls = issue_server_cert(
+        self.tls = issue_server_files(
             ca, workdir, "registry", *dict.fromkeys((REGISTRY_NAME, LOOPBACK, listen_ip))
         )
         self.certs_bundle = issuer.write_bundle(workdir / "token-certs.pem")
@@ -109,7 +101,7 @@ class Registry:
         self.log = workdir / "registry.log"
         self.config_path = workdir / "config.yml"
         self.startup_timeout = startup_timeout
-        self._process: subprocess.Popen[bytes] | None = None
+        self._service: Service | None = None
 
     def ssl_context(self) -> ssl.SSLContext:
         """Client context that verifies the registry (and the token realm) against the test CA."""
@@ -141,18 +133,11 @@ class Registry:
 
     async def __aenter__(self) -> Registry:
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        with self.log.open("ab") as log:
-            self._process = subprocess.Popen(
-                [*self.command_prefix, str(BINARY), "serve", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            await self._wait_ready()
-        except BaseException:
-            await self.stop()
-            raise
+        argv = [str(BINARY), "serve", str(self.config_path)]
+        self._service = await started(
+            "docker-registry", argv, self.log, self._ready, spawn=self.spawn,
+            env={"PATH": os.environ["PATH"]}, timeout=self.startup_timeout,
+        )  # fmt: skip
         return self
 
     async def __aexit__(
@@ -160,41 +145,26 @@ class Registry:
     ) -> None:
         await self.stop()
 
-    async def _wait_ready(self) -> None:
+    async def _ready(self) -> bool:
         """Ready when `GET /v2/` answers 401: TLS is up and token auth is configured."""
-        assert self._process is not None
-        deadline = asyncio.get_running_loop().time() + self.startup_timeout
-        connector = aiohttp.TCPConnector(ssl=self.ssl_context())
-        async with aiohttp.ClientSession(connector=connector) as session:
-            while True:
-                if self._process.poll() is not None:
-                    raise RuntimeError(
-                        f"docker-registry exited with {self._process.returncode}:\n{self.log_tail()}"
-                    )
-                try:
-                    async with session.get(f"{self.url}/v2/") as response:
-                        if response.status == 401:
-                            return
-                        raise RuntimeError(f"GET /v2/ answered {response.status}, expected 401")
-                except aiohttp.ClientConnectionError:
-                    pass
-                if asyncio.get_running_loop().time() > deadline:
-                    raise TimeoutError(f"docker-registry not ready on {self.url}:\n{self.log_tail()}")
-                await asyncio.sleep(0.05)
+        status = await http_status(f"{self.url}/v2/", self.ssl_context())
+        if status != 401:
+            raise RuntimeError(f"GET /v2/ answered {status}, expected 401")
+        return True
+
+    @property
+    def pid(self) -> int:
+        if self._service is None:
+            raise RuntimeError("the registry is not running")
+        return self._service.pid
 
     async def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            await asyncio.to_thread(process.wait, 10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
+        service, self._service = self._service, None
+        if service is not None:
+            await service.stop(timeout=10)
 
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log, lines)
 
     def access_log(self) -> list[AccessLogEntry]:
         return parse_access_log(self.log.read_text(errors="replace"))

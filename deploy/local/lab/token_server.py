@@ -6,8 +6,8 @@ The token grants the intersection of what was asked and what the user (or, witho
 the "anonymous" entry) is configured for; bad credentials get 401.
 
 In process: `async with TokenServer(issuer, tls, users) as server: server.realm`.
-As a process (the dockerd lab): `python -m lab.token_server --config FILE`, where FILE
-is written by `write_config`; it prints `listening on <url>` once it accepts connections.
+As a process (the lab): `python -m lab.token_server --config FILE`, where FILE is written by
+`write_config`; `lab.services.start_realm` starts it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import base64
 import binascii
 import json
 import signal
-import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from lab.pki import ServerCert
+from lab.pki import ServerCert, server_context
 from lab.tokens import TokenIssuer
 
 ANY = "*"
@@ -112,12 +111,6 @@ def make_app(issuer: TokenIssuer, realm: Realm) -> web.Application:
     return app
 
 
-def server_ssl_context(tls: ServerCert) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tls.cert, tls.key)
-    return context
-
-
 class TokenServer:
     """The realm on `host:port` (port 0: a free one) over HTTPS; `url` and `realm` once entered."""
 
@@ -150,7 +143,7 @@ class TokenServer:
     async def __aenter__(self) -> TokenServer:
         self._runner = web.AppRunner(make_app(self.issuer, self.config), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=server_ssl_context(self.tls))
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=server_context(self.tls))
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self

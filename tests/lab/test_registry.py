@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
 import shutil
-import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import trustme
 from lab.images import (
     LAYER_TAR,
     LAYER_TAR_GZIP,
@@ -23,11 +20,13 @@ from lab.images import (
     random_tar_layer,
     sha256_digest,
 )
-from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_cert
+from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_files, write_ca
 from lab.registry import Registry
+from lab.services import free_port, start_realm
 from lab.token_server import TokenServer, grant, write_config
 from lab.tokens import TokenIssuer, new_signing_key
 
+from common.certs import CertificateAuthority
 from tests.conftest import USERS
 
 REPO = "team/app"
@@ -108,7 +107,7 @@ async def test_registry_rejects_token_for_another_repository(registry: Registry)
     assert await manifest_status(registry, registry.issuer.token({"team/other": ["pull"]})) == 401
 
 
-async def test_registry_accepts_rsa_kid_tokens(test_ca: trustme.CA, tmp_path: Path) -> None:
+async def test_registry_accepts_rsa_kid_tokens(test_ca: CertificateAuthority, tmp_path: Path) -> None:
     issuer = TokenIssuer(key_type="rsa")
     async with Registry(tmp_path, test_ca, issuer, "https://127.0.0.1:1/token") as registry:
         await push_image(registry, REPO, [random_tar_layer(100, seed=4)])
@@ -205,29 +204,23 @@ async def test_skopeo_uses_realm(registry: Registry, tmp_path: Path) -> None:
 
 @pytest.fixture
 async def token_server_process(
-    test_ca: trustme.CA, token_issuer: TokenIssuer, tmp_path: Path
+    test_ca: CertificateAuthority, token_issuer: TokenIssuer, tmp_path: Path
 ) -> AsyncIterator[str]:
-    tls = issue_server_cert(test_ca, tmp_path, "auth", LOOPBACK)
+    """The realm as the lab runs it: `python -m lab.token_server`, started by `lab.services`."""
+    tls = issue_server_files(test_ca, tmp_path, "auth", LOOPBACK)
+    listen = f"{LOOPBACK}:{free_port()}"
     config = write_config(
-        tmp_path / "realm.json", token_issuer, tls, {"reader": USERS["reader"]}, {"public": ["pull"]}
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "deploy" / "local")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lab.token_server", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, env=env,
+        tmp_path / "realm.json", token_issuer, tls, {"reader": USERS["reader"]}, {"public": ["pull"]},
+        listen=listen,
     )  # fmt: skip
-    assert process.stdout is not None
-    try:
-        line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
-        assert line.startswith("listening on https://"), line
-        yield line.removeprefix("listening on ").strip() + "/token"
-    finally:
-        process.terminate()
-        assert await process.wait() == 0
+    ca_file = write_ca(test_ca, tmp_path / "ca.crt")
+    async with await start_realm(config, f"https://{listen}", ca_file, timeout=20) as realm:
+        yield f"https://{listen}/token"
+    assert realm.process.returncode == 0  # SIGTERM is a clean stop
 
 
 async def test_token_server_as_a_process(
-    test_ca: trustme.CA, token_issuer: TokenIssuer, token_server_process: str, tmp_path: Path
+    test_ca: CertificateAuthority, token_issuer: TokenIssuer, token_server_process: str, tmp_path: Path
 ) -> None:
     async with Registry(tmp_path / "registry", test_ca, token_issuer, token_server_process) as registry:
         await push_image(registry, REPO, [random_tar_layer(100, seed=8)])

@@ -55,4 +55,4 @@ async def test_tracker_and_node_come_back_after_sigkill() -> None:
         await node.pull(cluster.reference(image))
         assert await node.metric("shoal_blob_bytes_total", source="upstream") > 1_500_000
         assert [blob["state"] for blob in (await node.status())["blobs"]] == ["seeding"]
-        assert "published the torrent" in cluster.tracker_log()
+        assert cluster.tracker_events("published", node=node.name, digest=image.layer_digests[0])
