@@ -39,6 +39,12 @@ class Digest:
         """
         return f"sha256-{self.hex}"
 
+    @property
+    def swarm_id(self) -> InfoHash:
+        """What a node announces the blob's swarm under: peers are tracked per blob, not per chunk
+        torrent, so announces do not grow with the number of chunks."""
+        return InfoHash(bytes.fromhex(self.hex)[:20])
+
 
 @dataclass(frozen=True, slots=True)
 class Repository:

@@ -1,15 +1,19 @@
-"""The node's blob cache: complete, verified blobs only, least recently used evicted first.
+"""The node's blob cache: chunk files, and a marker per blob whose whole SHA-256 matched.
 
-    <cache_dir>/blobs/sha256/<hex>      complete blobs whose SHA-256 matched, entered by rename
-    <cache_dir>/partial/<hex>           downloads in progress; discarded at start (never resumed)
-    <cache_dir>/torrents/<hex>.*        what seeding the blob again after a restart needs
+    <cache_dir>/chunks/<hex>/<index>    chunk files, written in place by libtorrent and by origins
+    <cache_dir>/blobs/sha256/<hex>      the blob's marker (JSON: size, chunk_size), written atomically
+                                        only once the chunk files, in order, hashed to the digest
+    <cache_dir>/torrents/<hex>/         what seeding the blob again after a restart needs
 
-A blob's modification time is its last use: it survives restarts with no index to keep.
+A blob is in the cache exactly when its marker exists, so nothing half-done is ever served as
+complete. Chunk files without a marker are a download cut short: deleted at start, never resumed.
+The marker's modification time is the blob's last use: it survives restarts with no index to keep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -23,10 +27,13 @@ from pathlib import Path
 from cryptography import x509
 
 from common.certs import write_secret
+from common.chunks import chunks_in, plan
 from common.ids import Digest
-from peer.torrent import sha256_file
 
 logger = logging.getLogger(__name__)
+
+MARKER_MAX = 4096  # bytes; anything longer is not a marker (a whole blob of the older layout)
+READ_SIZE = 1 << 20
 
 
 class DigestMismatch(Exception):
@@ -55,9 +62,13 @@ class Credentials:
 
 @dataclass(frozen=True)
 class SeedRecord:
+    """A cached blob to seed again: its layout, credentials and the metainfo of every chunk."""
+
     digest: Digest
-    metainfo: bytes
+    size: int
+    chunk_size: int
     credentials: Credentials
+    metainfo: dict[int, bytes]
 
 
 def choose_evictions(entries: list[Entry], pinned: set[Digest], max_bytes: int) -> list[Digest]:
@@ -77,124 +88,211 @@ def choose_evictions(entries: list[Entry], pinned: set[Digest], max_bytes: int) 
 
 
 class BlobCache:
+    """The files of the layout above. Methods that hash or sweep block: call them in a thread."""
+
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.max_bytes = max_bytes
+        self._root = root
         self._blobs = root / "blobs" / "sha256"
-        self._partial = root / "partial"
+        self._chunks = root / "chunks"
         self._torrents = root / "torrents"
         self._pins: Counter[Digest] = Counter()
-        for folder in (self._blobs, self._partial, self._torrents):
+        for folder in (self._blobs, self._chunks):
             folder.mkdir(parents=True, exist_ok=True)
-        self._discard_partials()
+        self._torrents.mkdir(mode=0o700, exist_ok=True)
+        self._sweep()
 
-    def path(self, digest: Digest) -> Path:
+    # layout
+
+    def marker(self, digest: Digest) -> Path:
         return self._blobs / digest.hex
 
-    def partial_path(self, digest: Digest) -> Path:
-        """Where a download of `digest` writes before it is verified."""
-        return self._partial / digest.hex
+    def chunk_dir(self, digest: Digest) -> Path:
+        return self._chunks / digest.hex
+
+    def chunk_path(self, digest: Digest, index: int) -> Path:
+        return self.chunk_dir(digest) / str(index)
 
     def __contains__(self, digest: Digest) -> bool:
-        return self.path(digest).is_file()
+        return self.marker(digest).is_file()
+
+    def layout(self, digest: Digest) -> tuple[int, int]:
+        """A cached blob's (size, chunk_size); `KeyError` when it is not in the cache."""
+        try:
+            return _read_marker(self.marker(digest))
+        except (OSError, ValueError):
+            raise KeyError(f"{digest} is not in the cache") from None
+
+    def ranges(self, digest: Digest, start: int, end: int) -> list[tuple[Path, int, int]]:
+        """Where bytes [start, end) of a cached blob are: (chunk file, offset in it, length), in order."""
+        size, chunk_size = self.layout(digest)
+        spans = []
+        for chunk in chunks_in(plan(size, chunk_size), start, min(end, size)):
+            lo, hi = max(start, chunk.start), min(end, chunk.end)
+            spans.append((self.chunk_path(digest, chunk.index), lo - chunk.start, hi - lo))
+        return spans
+
+    # entering, using, leaving
+
+    def prepare(self, digest: Digest) -> None:
+        """Make the folder a blob's chunk files are written to."""
+        self.chunk_dir(digest).mkdir(exist_ok=True)
+
+    def commit(self, digest: Digest, size: int, chunk_size: int) -> Path:
+        """Check the whole SHA-256 over the chunk files in order, make them durable, then write the
+        marker: the blob is in the cache. `DigestMismatch` (and no marker) when the bytes are wrong."""
+        hasher = hashlib.sha256()
+        for chunk in plan(size, chunk_size):
+            with self.chunk_path(digest, chunk.index).open("rb") as file:
+                if os.fstat(file.fileno()).st_size != chunk.length:
+                    raise DigestMismatch(f"{digest}: chunk {chunk.index} is not {chunk.length} bytes")
+                while data := file.read(READ_SIZE):
+                    hasher.update(data)
+                os.fsync(file.fileno())
+        if hasher.hexdigest() != digest.hex:
+            raise DigestMismatch(f"{digest}: the chunks do not hash to the digest")
+        _fsync_dir(self.chunk_dir(digest))
+        temporary = self._blobs / f".{digest.hex}.tmp"
+        with temporary.open("w") as file:
+            json.dump({"size": size, "chunk_size": chunk_size}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.marker(digest))
+        _fsync_dir(self._blobs)
+        logger.info("blob cached", extra={"digest": str(digest)})
+        return self.marker(digest)
 
     @contextlib.contextmanager
-    def pin(self, digest: Digest) -> Iterator[Path]:
+    def pin(self, digest: Digest) -> Iterator[None]:
         """Keep `digest` from eviction while serving or fetching it; marks it used."""
         self._pins[digest] += 1
         try:
             with contextlib.suppress(FileNotFoundError):
-                os.utime(self.path(digest))
-            yield self.path(digest)
+                os.utime(self.marker(digest))
+            yield
         finally:
             self._pins[digest] -= 1
             if not self._pins[digest]:
                 del self._pins[digest]
 
-    def verify(self, digest: Digest, blob: Path) -> None:
-        """Check the whole SHA-256 and make the bytes durable (blocking: call it in a thread)."""
-        if sha256_file(blob) != digest.hex:
-            raise DigestMismatch(f"{digest}: downloaded bytes do not match the digest")
-        with blob.open("rb") as file:
-            os.fsync(file.fileno())
-
-    def commit(self, digest: Digest, blob: Path) -> Path:
-        """Verify `blob` and move it into the cache by atomic rename (blocking: call it in a thread)."""
-        self.verify(digest, blob)
-        os.replace(blob, self.path(digest))
-        self.entered(digest)
-        return self.path(digest)
-
-    def entered(self, digest: Digest) -> None:
-        """A verified blob was renamed into place: make the rename durable."""
-        fd = os.open(self._blobs, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        logger.info("blob cached", extra={"digest": str(digest)})
-
     def entries(self) -> list[Entry]:
         entries = []
         for path in self._blobs.iterdir():
-            with contextlib.suppress(ValueError, FileNotFoundError):
-                stat = path.stat()
-                entries.append(Entry(Digest.parse(f"sha256:{path.name}"), stat.st_size, stat.st_mtime))
+            with contextlib.suppress(ValueError, OSError):
+                digest = Digest.parse(f"sha256:{path.name}")
+                size, _ = _read_marker(path)
+                entries.append(Entry(digest, size, path.stat().st_mtime))
         return entries
 
     def to_evict(self) -> list[Digest]:
         return choose_evictions(self.entries(), set(self._pins), self.max_bytes)
 
     def delete(self, digest: Digest) -> None:
-        """Remove a blob and its seeding state (the caller stopped seeding it first)."""
+        """Remove a cached blob and its seeding state (the caller stopped seeding it first). The
+        marker goes first: a crash after it leaves chunk files that the next start deletes."""
         if digest in self._pins:
             raise RuntimeError(f"{digest} is pinned")
+        self.marker(digest).unlink(missing_ok=True)
+        shutil.rmtree(self.chunk_dir(digest), ignore_errors=True)
         self.forget_seed(digest)
-        self.path(digest).unlink(missing_ok=True)
         logger.info("blob evicted", extra={"digest": str(digest)})
 
-    def save_seed(self, record: SeedRecord) -> None:
-        """Keep what re-seeding after a restart needs; the key file is 0600 from its first byte."""
-        self.forget_seed(record.digest)
-        base = self._torrents / record.digest.hex
-        write_secret(base.with_suffix(".key"), record.credentials.key_pem)
-        base.with_suffix(".crt").write_bytes(record.credentials.cert_pem)
-        base.with_suffix(".torrent").write_bytes(record.metainfo)
-        base.with_suffix(".json").write_text(json.dumps({"announce": record.credentials.announce}))
+    def discard(self, digest: Digest) -> None:
+        """Delete the chunk files of a blob that is not in the cache (a download given up)."""
+        if digest in self:
+            raise RuntimeError(f"{digest} is in the cache: delete it instead")
+        shutil.rmtree(self.chunk_dir(digest), ignore_errors=True)
+        self.forget_seed(digest)
+
+    # seeding state
+
+    def save_seed(self, digest: Digest, credentials: Credentials) -> None:
+        """Keep a blob's credentials for seeding it after a restart, replacing any older state.
+        The key and the announce URL (it carries an announce key) are 0600 from their first byte."""
+        self.forget_seed(digest)
+        folder = self._torrents / digest.hex
+        folder.mkdir(mode=0o700)
+        write_secret(folder / "key", credentials.key_pem)
+        write_secret(folder / "announce", credentials.announce.encode())
+        (folder / "cert").write_bytes(credentials.cert_pem)
+
+    def save_chunk_torrent(self, digest: Digest, index: int, metainfo: bytes) -> None:
+        """Keep chunk `index`'s metainfo beside the credentials; replaced whole or not at all."""
+        path = self._torrents / digest.hex / f"{index}.torrent"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(metainfo)
+        os.replace(temporary, path)
 
     def forget_seed(self, digest: Digest) -> None:
-        for suffix in (".json", ".torrent", ".crt", ".key"):
-            (self._torrents / digest.hex).with_suffix(suffix).unlink(missing_ok=True)
+        shutil.rmtree(self._torrents / digest.hex, ignore_errors=True)
 
     def seeds(self) -> list[SeedRecord]:
         """Seeding state of cached blobs whose certificate is still valid; the rest is dropped."""
         records = []
-        for meta in self._torrents.glob("*.torrent"):
+        for folder in self._torrents.iterdir():
             with contextlib.suppress(ValueError):
-                digest = Digest.parse(f"sha256:{meta.stem}")
-                record = self._load_seed(digest)
-                if record is not None and digest in self and record.credentials.not_after > time.time():
+                digest = Digest.parse(f"sha256:{folder.name}")
+                record = self._load_seed(digest) if digest in self else None
+                if record is not None and record.credentials.not_after > time.time():
                     records.append(record)
                     continue
-                self.forget_seed(digest)
+            shutil.rmtree(folder, ignore_errors=True)
         return records
 
     def _load_seed(self, digest: Digest) -> SeedRecord | None:
-        base = self._torrents / digest.hex
+        folder = self._torrents / digest.hex
         try:
-            announce = json.loads(base.with_suffix(".json").read_text())["announce"]
+            size, chunk_size = self.layout(digest)
             credentials = Credentials(
-                base.with_suffix(".crt").read_bytes(), base.with_suffix(".key").read_bytes(), announce
+                (folder / "cert").read_bytes(),
+                (folder / "key").read_bytes(),
+                (folder / "announce").read_text(),
             )
             credentials.not_after  # noqa: B018 - parses the certificate
-            return SeedRecord(digest, base.with_suffix(".torrent").read_bytes(), credentials)
-        except (OSError, ValueError, KeyError, TypeError):
-            logger.warning("dropping unreadable seeding state", extra={"digest": str(digest)})
+            count = len(plan(size, chunk_size))
+            metainfo = {index: (folder / f"{index}.torrent").read_bytes() for index in range(count)}
+        except (OSError, ValueError, KeyError):
+            logger.warning("dropping incomplete or unreadable seeding state", extra={"digest": str(digest)})
             return None
+        return SeedRecord(digest, size, chunk_size, credentials, metainfo)
 
-    def _discard_partials(self) -> None:
-        """A download cut short by a crash is not resumed: it starts over from peers."""
-        for path in self._partial.iterdir():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
+    def _sweep(self) -> None:
+        """Undo what a crash left: markers that are not (a temporary file, a blob file of the older
+        layout, one whose chunks are gone), then chunk files with no marker, older-layout files."""
+        for path in self._blobs.iterdir():
+            try:
+                digest = Digest.parse(f"sha256:{path.name}")
+                _read_marker(path)
+                if self.chunk_dir(digest).is_dir():
+                    continue
+            except (ValueError, OSError):
+                pass
+            path.unlink()
+        for folder in self._chunks.iterdir():
+            if not (self._blobs / folder.name).is_file():
+                shutil.rmtree(folder)
+        shutil.rmtree(self._root / "partial", ignore_errors=True)
+        for path in self._torrents.iterdir():
+            if not path.is_dir():
                 path.unlink()
+
+
+def _read_marker(path: Path) -> tuple[int, int]:
+    with path.open("rb") as file:
+        data = file.read(MARKER_MAX + 1)
+    fields = json.loads(data) if len(data) <= MARKER_MAX else None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path}: not a marker")
+    size, chunk_size = fields.get("size"), fields.get("chunk_size")
+    if not isinstance(size, int) or not isinstance(chunk_size, int):
+        raise ValueError(f"{path}: not a marker")
+    plan(size, chunk_size)  # raises for a layout no blob can have
+    return size, chunk_size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

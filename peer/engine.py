@@ -1,12 +1,17 @@
 """The node's peer: a libtorrent session plus the blob cache, as one async context manager.
 
-The node daemon's whole interface to BitTorrent:
+The node daemon's whole interface to BitTorrent. A blob is a list of chunks (`common.chunks`),
+each its own private SSL torrent, all named for the blob so that one blob-scoped certificate opens
+every one of them; a `ChunkedBlob` holds a blob's chunk torrents:
 
     async with Peer(config) as peer:
-        blob = await peer.fetch(digest, metainfo, credentials)      # leecher
-        async for chunk in blob.stream(start, end, fallback):       # in order, registry on stall
+        blob = await peer.open(digest, size, chunk_size, credentials)
+        await blob.leech(index, metainfo)                          # a chunk someone published
+        async for data in blob.stream(index, start, end, fallback):  # in order, registry on stall
             ...
-        await peer.commit(digest, file); await peer.seed(...)       # origin
+        # this node is a chunk's origin: it writes blob.chunk_file(index) itself, then
+        await blob.seed(index, await blob.make_metainfo(index, ca_pem))
+        await blob.completed()  # every chunk finished, the whole digest matched, in the cache
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 
+from common.chunks import Chunk, plan
 from common.ids import Digest
 from common.tasks import spawn
-from peer.cache import BlobCache, Credentials, SeedRecord
+from peer.cache import BlobCache, Credentials, DigestMismatch, SeedRecord
 from peer.config import PeerConfig
-from peer.session import PeerError, Session, Status, Torrent
+from peer.session import PeerError, Session, Status, Torrent, load_chunk
 from peer.stream import Fallback, stream
-from peer.torrent import make_metainfo, piece_size_for
+from peer.torrent import make_chunk_metainfo, piece_size_for
 
 logger = logging.getLogger(__name__)
 
@@ -33,49 +39,207 @@ logger = logging.getLogger(__name__)
 HOUSEKEEPING_INTERVAL = 30.0
 
 
-class Blob:
-    """One blob's torrent in the session: stream it, wait for it to be complete in the cache."""
+class ChunkedBlob:
+    """One blob's chunk torrents in the session; enters the cache once all are finished and the
+    whole blob matches its digest. Chunks get their torrents in any order, whenever published."""
 
-    def __init__(self, peer: Peer, digest: Digest, torrent: Torrent, credentials: Credentials) -> None:
+    def __init__(
+        self, peer: Peer, digest: Digest, chunks: list[Chunk], chunk_size: int, credentials: Credentials
+    ) -> None:
         self.digest = digest
-        self.torrent = torrent
-        self.size = torrent.size
+        self.size = chunks[-1].end
+        self.chunk_size = chunk_size
+        self.chunks = chunks
         self.announce = credentials.announce
         self.not_after = credentials.not_after
         self._peer = peer
-        self._complete: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self._credentials = credentials
+        self._torrents: dict[int, Torrent] = {}
+        self._peers: set[tuple[str, int]] = set()  # every peer named for the blob, for later chunks
+        self._added = asyncio.Event()
+        self._lock = asyncio.Lock()  # one change of the torrent set at a time
+        self._closed: PeerError | None = None
+        self._commit: asyncio.Future[Path] | None = None
+        self._completed: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self._task = spawn(self._complete(), name=f"complete-{digest.hex[:12]}")
 
-    def _fail(self, error: Exception) -> None:
-        if not self._complete.done():
-            self._complete.set_exception(error)
-            self._complete.exception()  # marked retrieved: nobody need be waiting
+    def chunk_file(self, index: int) -> Path:
+        """Where chunk `index` lives on disk, from its first byte on: an origin writes it there."""
+        return self._peer.cache.chunk_path(self.digest, index)
 
-    async def complete(self) -> Path:
-        """The blob's path in the cache once complete and verified; raises `DigestMismatch` or
-        `PeerError` when it cannot be."""
-        return await asyncio.shield(self._complete)
+    def torrent(self, index: int) -> Torrent | None:
+        return self._torrents.get(index)
+
+    def status(self) -> list[Status]:
+        return [self._torrents[index].status() for index in sorted(self._torrents)]
+
+    async def leech(self, index: int, metainfo: bytes) -> Torrent:
+        """Add chunk `index`'s torrent over `chunk_file(index)`; libtorrent checks what is there
+        already and fetches the rest from peers. A chunk that has a torrent keeps it."""
+        return await self._add(index, metainfo, seed=False)
+
+    async def seed(self, index: int, metainfo: bytes) -> Torrent:
+        """Add chunk `index`'s torrent over its complete file (the origin's download) in seed mode."""
+        return await self._add(index, metainfo, seed=True)
+
+    async def make_metainfo(self, index: int, ca_pem: bytes) -> bytes:
+        """Chunk `index`'s torrent, hashed from `chunk_file(index)`, for the origin to publish."""
+        length = self.chunks[index].length
+        return await asyncio.to_thread(
+            make_chunk_metainfo, self.chunk_file(index), self.digest, index, ca_pem, piece_size_for(length)
+        )
 
     async def stream(
-        self, start: int = 0, end: int | None = None, fallback: Fallback | None = None
+        self, index: int, start: int = 0, end: int | None = None, fallback: Fallback | None = None
     ) -> AsyncIterator[bytes]:
-        """Bytes [start, end) in order as pieces verify; see `peer.stream.stream`."""
+        """Bytes [start, end) of chunk `index` (offsets in the chunk) in order as pieces verify;
+        see `peer.stream.stream`. `fallback` is asked for chunk offsets too."""
+        torrent = self._torrents.get(index)
+        if torrent is None:
+            raise PeerError(f"{self.digest} chunk {index}: no torrent")
         config = self._peer.config
-        end = self.size if end is None else min(end, self.size)
+        end = torrent.size if end is None else min(end, torrent.size)
         with self._peer.cache.pin(self.digest):
-            async for chunk in stream(
-                self.torrent,
+            async for data in stream(
+                torrent,
                 start,
                 end,
                 window=config.stream_window,
                 stall_timeout=config.stall_timeout,
                 fallback=fallback,
             ):
-                yield chunk
+                yield data
+
+    async def drop_chunk(self, index: int) -> None:
+        """Take a withdrawn chunk's torrent out and delete its file, so the chunk can be fetched
+        again. The file of a blob already in the cache stays: the whole digest vouched for it."""
+        async with self._lock:
+            torrent = self._torrents.pop(index, None)
+            if torrent is not None:
+                await self._peer._session.remove(torrent)
+        if self.digest not in self._peer.cache:
+            await asyncio.to_thread(self.chunk_file(index).unlink, missing_ok=True)
 
     def connect(self, host: str, port: int) -> None:
-        """Dial a peer (dialled on libtorrent's one-second tick): the node's announcer dials the
-        peers the tracker names; libtorrent itself talks to no tracker."""
-        self.torrent.connect(host, port)
+        """Dial a peer on every chunk torrent still missing bytes, and on every chunk torrent added
+        later: the tracker names peers per blob, not per chunk."""
+        self._peers.add((host, port))
+        for torrent in self._torrents.values():
+            if not torrent.finished:
+                torrent.connect(host, port)
+
+    def left(self) -> int:
+        """Bytes not yet verified, over all chunks; a chunk with no torrent counts whole."""
+        return sum(
+            torrent.left() if (torrent := self._torrents.get(chunk.index)) else chunk.length
+            for chunk in self.chunks
+        )
+
+    def complete(self) -> bool:
+        """In the cache: every chunk finished and the whole digest matched."""
+        done = self._completed
+        return done.done() and done.exception() is None
+
+    async def completed(self) -> Path:
+        """The blob's marker in the cache once every chunk torrent finished and the whole blob
+        matched its digest; raises `DigestMismatch` (the blob is dropped, its chunk files
+        deleted) or `PeerError`."""
+        return await asyncio.shield(self._completed)
+
+    async def _add(self, index: int, metainfo: bytes, *, seed: bool) -> Torrent:
+        async with self._lock:
+            if self._closed is not None:
+                raise self._closed
+            if (existing := self._torrents.get(index)) is not None:
+                return existing
+            if not 0 <= index < len(self.chunks):
+                raise PeerError(f"{self.digest} has no chunk {index}")
+            torrent = load_chunk(metainfo, self.digest, self.chunks[index])
+            await asyncio.to_thread(self._peer.cache.save_chunk_torrent, self.digest, index, metainfo)
+            credentials = self._credentials
+            await self._peer._session.add(
+                torrent, self.chunk_file(index), credentials.cert_pem, credentials.key_pem, seed=seed
+            )
+            self._torrents[index] = torrent
+            if not seed:
+                for host, port in self._peers:
+                    torrent.connect(host, port)
+        self._added.set()
+        return torrent
+
+    async def _complete(self) -> None:
+        try:
+            await self._all_finished()
+            path = await self._enter_cache()
+        except (DigestMismatch, PeerError, OSError) as exc:
+            logger.error("blob not cached", extra={"digest": str(self.digest), "error": str(exc)})
+            try:
+                if self._peer.get(self.digest) is self:
+                    await self._peer.drop(self.digest)
+            finally:
+                self._fail(exc)  # only now: whoever hears of it finds the chunk files gone
+            return
+        self._completed.set_result(path)
+        self._peer._space_taken.set()
+
+    async def _all_finished(self) -> None:
+        """Return once every chunk has a finished torrent. A torrent that fails fails the blob; one
+        taken out (a withdrawn chunk) is waited for again, as is a chunk with no torrent yet."""
+        while (index := self._first_unfinished()) is not None:
+            torrent = self._torrents.get(index)
+            if torrent is None:
+                self._added.clear()
+                await self._added.wait()
+                continue
+            try:
+                await torrent.wait_finished()
+            except PeerError:
+                if torrent.failed is not None:
+                    raise
+
+    def _first_unfinished(self) -> int | None:
+        for chunk in self.chunks:
+            torrent = self._torrents.get(chunk.index)
+            if torrent is None or not torrent.finished:
+                return chunk.index
+        return None
+
+    async def _enter_cache(self) -> Path:
+        cache = self._peer.cache
+        if self.digest in cache:  # seeded again from the cache
+            return cache.marker(self.digest)
+        # Every downloaded byte on disk before the chunk files are hashed.
+        await asyncio.gather(*(torrent.flush() for torrent in self._torrents.values()))
+        # Once begun the commit runs to its end, even when the blob is dropped meanwhile: a drop
+        # must see whether the marker was written.
+        self._commit = asyncio.ensure_future(
+            asyncio.to_thread(cache.commit, self.digest, self.size, self.chunk_size)
+        )
+        return await asyncio.shield(self._commit)
+
+    def _fail(self, error: Exception) -> None:
+        if not self._completed.done():
+            self._completed.set_exception(error)
+            self._completed.exception()  # marked retrieved: nobody need be waiting
+
+    async def _stop(self, error: PeerError) -> None:
+        """Stop completing: nothing waits for this blob's torrents any more."""
+        self._closed = error
+        if self._task is asyncio.current_task():
+            return  # the blob failed: its own task resolves `completed` once it is dropped
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        if self._commit is not None:
+            await asyncio.gather(self._commit, return_exceptions=True)
+        self._fail(error)
+
+    async def _close(self, error: PeerError) -> None:
+        """Stop, then take every chunk torrent out of the session."""
+        await self._stop(error)
+        async with self._lock:
+            for torrent in self._torrents.values():
+                await self._peer._session.remove(torrent)
+            self._torrents.clear()
 
 
 class Peer:
@@ -83,9 +247,9 @@ class Peer:
         self.config = config
         self.cache = BlobCache(config.cache_dir, config.cache_max_bytes)
         self._session = Session(config)
-        self._blobs: dict[Digest, Blob] = {}
-        self._housekeeping: asyncio.Task[None] | None = None
-        self._finishing: set[asyncio.Task[None]] = set()
+        self._blobs: dict[Digest, ChunkedBlob] = {}
+        self._space_taken = asyncio.Event()  # a blob entered the cache: evict
+        self._background: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Peer:
         await self._session.__aenter__()
@@ -93,83 +257,62 @@ class Peer:
             for record in await asyncio.to_thread(self.cache.seeds):
                 await self._reseed(record)
         except BaseException:
-            await self._session.__aexit__(None, None, None)
+            await self._shut()
             raise
-        self._housekeeping = spawn(self._keep_house(), name="peer-housekeeping")
+        self._background = [
+            spawn(self._keep_house(), name="peer-housekeeping"),
+            spawn(self._keep_space(), name="peer-eviction"),
+        ]
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        tasks = [*self._finishing, *([self._housekeeping] if self._housekeeping else [])]
-        for task in tasks:
+        for task in self._background:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._shut()
+
+    async def _shut(self) -> None:
+        # The torrents go with the session: removing them one by one first would only wait longer.
         for blob in self._blobs.values():
-            blob._fail(PeerError("peer stopped"))
+            await blob._stop(PeerError("peer stopped"))
         self._blobs.clear()
-        await self._session.__aexit__(kind, exc, tb)
+        await self._session.__aexit__(None, None, None)
 
     @property
     def port(self) -> int:
         return self._session.port
 
-    def blobs(self) -> list[Blob]:
+    def blobs(self) -> list[ChunkedBlob]:
         return list(self._blobs.values())
 
-    def get(self, digest: Digest) -> Blob | None:
+    def get(self, digest: Digest) -> ChunkedBlob | None:
         return self._blobs.get(digest)
 
     def status(self) -> list[Status]:
-        return [blob.torrent.status() for blob in self._blobs.values()]
+        """One entry per chunk torrent."""
+        return [status for blob in self._blobs.values() for status in blob.status()]
 
-    async def fetch(self, digest: Digest, metainfo: bytes, credentials: Credentials) -> Blob:
-        """Join a blob's swarm as a leecher; the blob enters the cache when complete and verified."""
-        if blob := self._blobs.get(digest):
+    async def open(self, digest: Digest, size: int, chunk_size: int, credentials: Credentials) -> ChunkedBlob:
+        """The blob's `ChunkedBlob` (the one already open, if any), its credentials kept for
+        seeding it after a restart. `PeerError` for a layout the blob cannot have."""
+        if (blob := self._blobs.get(digest)) is not None:
             return blob
-        if digest in self.cache:
-            return await self.seed(digest, metainfo, credentials)
-        partial = self.cache.partial_path(digest)
-        blob = await self._add(digest, metainfo, credentials, partial, seed=False)
-        task = spawn(self._finish(blob, partial), name=f"finish-{digest.hex[:12]}")
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
+        blob = self._open(digest, size, chunk_size, credentials)
+        await asyncio.to_thread(self.cache.save_seed, digest, credentials)
         return blob
-
-    async def seed(
-        self, digest: Digest, metainfo: bytes, credentials: Credentials, *, check: bool = False
-    ) -> Blob:
-        """Seed a blob that is in the cache, until its certificate expires or it is evicted.
-
-        Each piece is verified the first time a peer asks for it; `check` verifies them all first.
-        """
-        if blob := self._blobs.get(digest):
-            return blob
-        if digest not in self.cache:
-            raise KeyError(f"{digest} is not in the cache")
-        blob = await self._add(digest, metainfo, credentials, self.cache.path(digest), seed=not check)
-        blob._complete.set_result(self.cache.path(digest))
-        return blob
-
-    async def commit(self, digest: Digest, file: Path) -> Path:
-        """Move a blob fetched elsewhere (the origin's download) into the cache, if its digest
-        matches; raises `DigestMismatch` (and leaves `file` alone) when it does not."""
-        path = await asyncio.to_thread(self.cache.commit, digest, file)
-        await self.evict()
-        return path
-
-    async def make_metainfo(self, digest: Digest, ca_pem: bytes) -> bytes:
-        """The torrent of a cached blob, for the origin to publish."""
-        path = self.cache.path(digest)
-        size = path.stat().st_size
-        return await asyncio.to_thread(make_metainfo, path, digest, ca_pem, piece_size_for(size))
 
     async def drop(self, digest: Digest) -> None:
-        """Stop seeding or fetching a blob; a cached blob stays in the cache."""
+        """Take all the blob's torrents out of the session and forget its seeding state. A blob
+        in the cache stays there; an incomplete one's chunk files are deleted."""
         blob = self._blobs.pop(digest, None)
         if blob is not None:
-            await self._session.remove(blob.torrent)
-        await asyncio.to_thread(self.cache.forget_seed, digest)
+            await blob._close(PeerError(f"{digest}: dropped"))
+        if digest in self.cache:
+            await asyncio.to_thread(self.cache.forget_seed, digest)
+        else:
+            await asyncio.to_thread(self.cache.discard, digest)
 
     async def evict(self) -> None:
         """Delete least recently used blobs beyond `cache_max_bytes`, never a pinned one."""
@@ -178,61 +321,43 @@ class Peer:
             with contextlib.suppress(RuntimeError):  # pinned since the decision
                 await asyncio.to_thread(self.cache.delete, digest)
 
-    async def _reseed(self, record: SeedRecord) -> None:
+    def _open(self, digest: Digest, size: int, chunk_size: int, credentials: Credentials) -> ChunkedBlob:
+        """A new `ChunkedBlob` for a layout the blob can have (a cached blob's own)."""
         try:
-            await self.seed(record.digest, record.metainfo, record.credentials)
+            chunks = plan(size, chunk_size)
+        except ValueError as exc:
+            raise PeerError(f"{digest}: {exc}") from None
+        if size == 0:
+            raise PeerError(f"{digest}: an empty blob has no torrent")
+        if digest in self.cache:
+            cached = self.cache.layout(digest)
+            if cached != (size, chunk_size):
+                raise PeerError(f"{digest}: cached as (size, chunk size) {cached}, not {(size, chunk_size)}")
+        else:
+            self.cache.prepare(digest)
+        blob = ChunkedBlob(self, digest, chunks, chunk_size, credentials)
+        self._blobs[digest] = blob
+        return blob
+
+    async def _reseed(self, record: SeedRecord) -> None:
+        """Seed a cached blob again, each chunk in seed mode: its digest matched when it entered."""
+        try:
+            blob = self._open(record.digest, record.size, record.chunk_size, record.credentials)
+            for index, metainfo in sorted(record.metainfo.items()):
+                await blob.seed(index, metainfo)
         except PeerError as exc:
             logger.warning(
                 "not seeding a cached blob", extra={"digest": str(record.digest), "error": str(exc)}
             )
-            await asyncio.to_thread(self.cache.forget_seed, record.digest)
+            await self.drop(record.digest)
 
-    async def _add(
-        self, digest: Digest, metainfo: bytes, credentials: Credentials, file: Path, *, seed: bool
-    ) -> Blob:
-        record = SeedRecord(digest, metainfo, credentials)
-        await asyncio.to_thread(self.cache.save_seed, record)
-        try:
-            torrent = await self._session.add(
-                metainfo,
-                file,
-                credentials.cert_pem,
-                credentials.key_pem,
-                seed=seed,
-            )
-        except BaseException:
-            await asyncio.to_thread(self.cache.forget_seed, digest)
-            raise
-        if torrent.name != digest.torrent_name:
-            await self._session.remove(torrent)
-            await asyncio.to_thread(self.cache.forget_seed, digest)
-            raise PeerError(f"metainfo names {torrent.name}, not {digest.torrent_name}")
-        blob = Blob(self, digest, torrent, credentials)
-        self._blobs[digest] = blob
-        return blob
-
-    async def _finish(self, blob: Blob, partial: Path) -> None:
-        """When the download completes: verify the whole blob, then rename it into the cache."""
-        torrent = blob.torrent
-        try:
-            await torrent.wait_finished()
-            await torrent.flush()  # every byte on disk before the file is hashed
-            await asyncio.to_thread(self.cache.verify, blob.digest, partial)
-            await torrent.rename(self.cache.path(blob.digest))  # atomic: seeding goes on from there
-            await asyncio.to_thread(self.cache.entered, blob.digest)
-        except Exception as exc:  # DigestMismatch, PeerError, OSError: the blob stays out
-            logger.error("blob not cached", extra={"digest": str(blob.digest), "error": str(exc)})
-            with contextlib.suppress(PeerError):
-                await self._discard(blob, partial)
-            blob._fail(exc)
-            return
-        blob._complete.set_result(self.cache.path(blob.digest))
-        await self.evict()
-
-    async def _discard(self, blob: Blob, partial: Path) -> None:
-        if self._blobs.get(blob.digest) is blob:
-            await self.drop(blob.digest)
-        partial.unlink(missing_ok=True)
+    async def _keep_space(self) -> None:
+        """Evict after each blob that enters the cache, from this one task: a blob's own task
+        evicting could drop a blob whose task is evicting in turn."""
+        while True:
+            await self._space_taken.wait()
+            self._space_taken.clear()
+            await self.evict()
 
     async def _keep_house(self) -> None:
         """Stop seeding blobs whose certificate expired: no peer would accept it any more."""

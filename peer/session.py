@@ -1,5 +1,8 @@
 """The libtorrent boundary: one session per node, alerts by notification, one object per torrent.
 
+Every torrent is one chunk of a blob; all chunk torrents of a blob share the blob's torrent name
+(what peer certificates are scoped to), so torrents are told apart by info-hash, never by name.
+
 Everything that touches libtorrent lives here, and libtorrent's exceptions and error alerts become
 `PeerError` here and nowhere else. Alerts arrive through `set_alert_fd`: libtorrent writes a byte
 to a pipe when its alert queue turns non-empty, the event loop wakes on the pipe and pops the
@@ -22,8 +25,11 @@ from typing import Any, TypeVar
 
 import libtorrent as lt
 
-from common.ids import InfoHash
+from common import bencoding
+from common.chunks import Chunk
+from common.ids import Digest, InfoHash
 from peer.config import PeerConfig
+from peer.torrent import CHUNK_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +110,8 @@ def settings(config: PeerConfig) -> lt.settings_pack:
 
 @dataclass(frozen=True)
 class Status:
+    digest: str
+    chunk: int
     name: str
     state: str
     progress: float
@@ -113,12 +121,38 @@ class Status:
     failed: int  # bytes that failed their hash check
 
 
-class Torrent:
-    """One torrent in the session, with awaitable pieces and alerts."""
+def load_chunk(metainfo: bytes, digest: Digest, chunk: Chunk) -> Torrent:
+    """Parse the metainfo of `chunk` of `digest`; `PeerError` unless it is that chunk's torrent:
+    named for the blob, carrying the chunk's index, one file of the chunk's length."""
+    try:
+        info = lt.torrent_info(metainfo)
+    except RuntimeError as exc:
+        raise PeerError(f"bad metainfo: {exc}") from None
+    index: object = bencoding.decode(bytes(info.info_section())).get(CHUNK_KEY)  # libtorrent parsed it
+    torrent = Torrent(info, digest, chunk.index)
+    if torrent.name != digest.torrent_name:
+        raise PeerError(f"metainfo names {torrent.name}, not {digest.torrent_name}")
+    if index != chunk.index or _real_files(info) != 1 or torrent.size != chunk.length:
+        raise PeerError(f"{torrent.label}: metainfo is not that chunk (index {index}, {torrent.size} bytes)")
+    return torrent
 
-    def __init__(self, info: lt.torrent_info) -> None:
+
+def _real_files(info: lt.torrent_info) -> int:
+    """Files other than the pad file v2 puts after a file that is not a whole number of pieces."""
+    files = info.layout()
+    return sum(not files.file_flags(i) & lt.file_storage.flag_pad_file for i in range(files.num_files()))
+
+
+class Torrent:
+    """One chunk torrent, in the session once `Session.add` took it, with awaitable pieces and alerts."""
+
+    def __init__(self, info: lt.torrent_info, digest: Digest, index: int) -> None:
+        self.info = info
+        self.digest = digest
+        self.index = index
         self.handle = lt.torrent_handle()  # set once added; alerts may arrive before that
         self.name: str = info.name()
+        self.label = f"{self.name} chunk {index}"  # for errors and logs: the name is the blob's
         # The one file's size: total_size() counts the tail padding of v2 torrents.
         self.size: int = info.layout().file_size(0)
         self.info_hash = InfoHash.from_v2(info.info_hashes().v2.to_bytes())
@@ -128,17 +162,20 @@ class Torrent:
         self.first_piece_at: float | None = None  # wall clock, for status and benchmarks
         self.finished_at: float | None = None
         self.failed: PeerError | None = None
+        self._ended: PeerError | None = None  # failed or removed: no alert will ever come
         self._piece_waiters: defaultdict[int, list[asyncio.Future[None]]] = defaultdict(list)
         self._reads: defaultdict[int, list[asyncio.Future[bytes]]] = defaultdict(list)
         self._alert_waiters: defaultdict[type, list[asyncio.Future[Any]]] = defaultdict(list)
 
-    def have(self, piece: int) -> bool:
-        with _translated(self.name):
-            return bool(self.handle.have_piece(piece))
+    @property
+    def finished(self) -> bool:
+        """Every piece verified: downloaded, found on disk when added, or trusted in seed mode
+        (libtorrent posts torrent_finished_alert in all three cases)."""
+        return self.finished_at is not None
 
-    def is_seed(self) -> bool:
-        with _translated(self.name):
-            return bool(self.handle.status().is_seeding)
+    def have(self, piece: int) -> bool:
+        with _translated(self.label):
+            return bool(self.handle.have_piece(piece))
 
     async def wait_piece(self, piece: int) -> None:
         """Return once `piece` has passed its hash check."""
@@ -158,7 +195,7 @@ class Torrent:
         self._reads[piece].append(reader)
         try:
             if len(self._reads[piece]) == 1:
-                with _translated(self.name):
+                with _translated(self.label):
                     self.handle.read_piece(piece)
             return await reader
         finally:
@@ -166,73 +203,70 @@ class Torrent:
 
     async def expect(self, alert: type[A]) -> A:
         """The next alert of this type for this torrent (register before causing it)."""
-        waiter: asyncio.Future[A] = asyncio.get_running_loop().create_future()
-        self._alert_waiters[alert].append(waiter)
-        try:
+        if self._ended is not None:
+            raise self._ended
+        async with self._expecting(alert) as waiter:
             return await waiter
-        finally:
-            _discard(self._alert_waiters, alert, waiter)
 
     def add_piece(self, piece: int, data: bytes) -> None:
         """Hand libtorrent a piece fetched elsewhere; it is hash-checked like one from a peer."""
-        with _translated(self.name):
+        with _translated(self.label):
             self.handle.add_piece(piece, data, 0)
 
     def set_deadlines(self, pieces: range, step_ms: int, first_rank: int = 0) -> None:
-        with _translated(self.name):
+        with _translated(self.label):
             for rank, piece in enumerate(pieces, first_rank):
                 if not self.handle.have_piece(piece):
                     self.handle.set_piece_deadline(piece, rank * step_ms)
 
     def clear_deadlines(self, pieces: range) -> None:
-        with _translated(self.name):
+        with _translated(self.label):
             for piece in pieces:
                 self.handle.reset_piece_deadline(piece)
 
     async def wait_finished(self) -> None:
-        """Return once every piece is downloaded and verified."""
-        async with self._expecting(lt.torrent_finished_alert) as finished:
-            if not self.is_seed():
-                await finished
+        """Return once every piece is verified (see `finished`)."""
+        if not self.finished:
+            await self.expect(lt.torrent_finished_alert)
 
     async def flush(self) -> None:
         """Wait until every downloaded byte is written to the file."""
         async with self._expecting(lt.cache_flushed_alert) as flushed:
-            with _translated(self.name):
+            with _translated(self.label):
                 self.handle.flush_cache()
             await flushed
 
-    async def rename(self, path: Path) -> None:
-        """Move the torrent's file to `path` (rename(2) on one file system) and keep serving it."""
-        async with self._expecting(lt.file_renamed_alert) as renamed:
-            with _translated(self.name):
-                self.handle.rename_file(0, str(path))
-            await renamed
-
     @contextlib.asynccontextmanager
     async def _expecting(self, alert: type[A]) -> AsyncIterator[asyncio.Future[A]]:
-        """The next alert of a type, listened for before the caller triggers it."""
-        waiter = asyncio.ensure_future(self.expect(alert))
+        """The next alert of a type, listened for before the caller triggers it: registered at
+        once, since the alert may be popped before any task that would register it runs."""
+        waiter: asyncio.Future[A] = asyncio.get_running_loop().create_future()
+        self._alert_waiters[alert].append(waiter)
         try:
             yield waiter
         finally:
-            waiter.cancel()
+            _discard(self._alert_waiters, alert, waiter)
 
     def connect(self, host: str, port: int) -> None:
-        """Dial a peer directly (tests, benchmarks); in a cluster peers come from the tracker."""
-        with _translated(self.name):
+        """Dial a peer (on libtorrent's one-second tick): the node names the peers the tracker
+        gave it; libtorrent itself talks to no tracker."""
+        with _translated(self.label):
             self.handle.connect_peer((host, port))
 
     def left(self) -> int:
         """Bytes still missing, as an announce's `left` reports them."""
-        with _translated(self.name):
+        if self.finished:
+            return 0
+        with _translated(self.label):
             s = self.handle.status()
         return max(0, int(s.total_wanted) - int(s.total_wanted_done))
 
     def status(self) -> Status:
-        with _translated(self.name):
+        with _translated(self.label):
             s = self.handle.status()
         return Status(
+            str(self.digest),
+            self.index,
             self.name,
             str(s.state),
             s.progress,
@@ -251,12 +285,12 @@ class Torrent:
             self._on_read(alert)
         elif isinstance(alert, lt.torrent_finished_alert):
             self.finished_at = time.time()
-        elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert | lt.file_rename_failed_alert):
-            self.failed = PeerError(f"{self.name}: {alert.message()}")
-            logger.error("torrent failed", extra={"torrent": self.name, "error": alert.message()})
+        elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
+            self.failed = PeerError(f"{self.label}: {alert.message()}")
+            logger.error("torrent failed", extra={"torrent": self.label, "error": alert.message()})
         elif isinstance(alert, lt.hash_failed_alert):
             logger.warning(
-                "piece failed its hash check", extra={"torrent": self.name, "piece": alert.piece_index}
+                "piece failed its hash check", extra={"torrent": self.label, "piece": alert.piece_index}
             )
         _resolve(self._alert_waiters.pop(type(alert), []), alert)
         if self.failed is not None:
@@ -265,7 +299,7 @@ class Torrent:
     def _on_read(self, alert: lt.read_piece_alert) -> None:
         readers = self._reads.pop(alert.piece, [])
         if alert.error.value():
-            error = PeerError(f"{self.name}: reading piece {alert.piece}: {alert.error.message()}")
+            error = PeerError(f"{self.label}: reading piece {alert.piece}: {alert.error.message()}")
             for reader in readers:
                 if not reader.done():
                     reader.set_exception(error)
@@ -273,6 +307,7 @@ class Torrent:
             _resolve(readers, bytes(alert.buffer))
 
     def _fail_all(self, error: PeerError) -> None:
+        self._ended = self._ended or error
         tables: list[defaultdict[Any, list[asyncio.Future[Any]]]] = [
             self._piece_waiters,
             self._reads,
@@ -290,7 +325,7 @@ class Session:
 
     def __init__(self, config: PeerConfig) -> None:
         self._config = config
-        self._torrents: dict[str, Torrent] = {}
+        self._torrents: dict[InfoHash, Torrent] = {}
         self._session: lt.session | None = None
         self._pipe: tuple[int, int] | None = None
         self._listening: asyncio.Future[None] | None = None
@@ -335,56 +370,46 @@ class Session:
         assert self._session is not None
         return int(self._session.ssl_listen_port())
 
-    def get(self, name: str) -> Torrent | None:
-        return self._torrents.get(name)
-
-    async def add(
-        self, metainfo: bytes, file: Path, cert_pem: bytes, key_pem: bytes, *, seed: bool
-    ) -> Torrent:
-        """Add a torrent whose one file is `file`; with `seed`, trust the file without a check.
+    async def add(self, torrent: Torrent, file: Path, cert_pem: bytes, key_pem: bytes, *, seed: bool) -> None:
+        """Add a torrent (from `load_chunk`) whose one file is `file`; without `seed` libtorrent
+        checks what the file already holds, with `seed` it trusts the file.
 
         Seed mode still verifies each piece the first time a peer asks for it, so a changed file
         is caught before it serves anything.
         """
         assert self._session is not None
-        try:
-            info = lt.torrent_info(metainfo)
-        except RuntimeError as exc:
-            raise PeerError(f"bad metainfo: {exc}") from None
         params = lt.add_torrent_params()
-        params.ti = info
+        params.ti = torrent.info
         params.save_path = str(file.parent)
-        params.renamed_files = {0: str(file)}  # an absolute path: the blob's own name on disk
+        params.renamed_files = {0: str(file)}  # an absolute path: the chunk's own name on disk
         params.flags = (params.flags & ~TORRENT_FLAGS_OFF) | TORRENT_FLAGS_ON
         if seed:
             params.flags |= lt.torrent_flags.seed_mode
-        torrent = Torrent(info)
-        if torrent.name in self._torrents:
-            raise PeerError(f"{torrent.name}: already in the session")
-        self._torrents[torrent.name] = torrent
+        if torrent.info_hash in self._torrents:
+            raise PeerError(f"{torrent.label}: info-hash {torrent.info_hash} already in the session")
+        self._torrents[torrent.info_hash] = torrent  # before adding: its first alerts come at once
         try:
             torrent.handle = await asyncio.to_thread(self._session.add_torrent, params)
             torrent.handle.set_ssl_certificate_buffer(cert_pem.decode(), key_pem.decode(), DH_PARAMS)
         except RuntimeError as exc:
-            del self._torrents[torrent.name]
-            raise PeerError(f"{torrent.name}: cannot add: {exc}") from None
-        return torrent
+            del self._torrents[torrent.info_hash]
+            raise PeerError(f"{torrent.label}: cannot add: {exc}") from None
 
     async def remove(self, torrent: Torrent) -> None:
         """Take a torrent out of the session; its file stays."""
         assert self._session is not None
-        if self._torrents.get(torrent.name) is not torrent:
+        if self._torrents.get(torrent.info_hash) is not torrent:
             return
         try:
             async with torrent._expecting(lt.torrent_removed_alert) as removed:
-                with _translated(torrent.name):
+                with _translated(torrent.label):
                     self._session.remove_torrent(torrent.handle)
                 await asyncio.wait_for(removed, timeout=REMOVE_TIMEOUT)
-        except TimeoutError:
-            logger.warning("no confirmation of a torrent's removal", extra={"torrent": torrent.name})
+        except (TimeoutError, PeerError):  # a failed torrent fails its waiters on every alert
+            logger.warning("no confirmation of a torrent's removal", extra={"torrent": torrent.label})
         finally:
-            del self._torrents[torrent.name]
-            torrent._fail_all(PeerError(f"{torrent.name}: removed"))
+            del self._torrents[torrent.info_hash]
+            torrent._fail_all(PeerError(f"{torrent.label}: removed"))
 
     def _on_notify(self) -> None:
         assert self._session is not None and self._pipe is not None
@@ -410,9 +435,16 @@ class Session:
         if isinstance(alert, lt.listen_succeeded_alert | lt.listen_failed_alert):
             self._on_listen(alert)
         elif isinstance(alert, lt.torrent_alert):
-            torrent = self._torrents.get(alert.torrent_name)
+            torrent = self._torrents.get(_info_hash(alert))
             if torrent is not None:
                 torrent.on_alert(alert)
+
+
+def _info_hash(alert: lt.torrent_alert) -> InfoHash:
+    """Which torrent an alert is about. A removed torrent's handle has lost its info-hash (all
+    zeros), so its removal alert carries the info-hash itself."""
+    hashes = alert.info_hashes if isinstance(alert, lt.torrent_removed_alert) else alert.handle.info_hashes()
+    return InfoHash.from_v2(hashes.v2.to_bytes())
 
 
 @contextlib.contextmanager

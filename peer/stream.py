@@ -1,4 +1,4 @@
-"""In-order streaming of a torrent's bytes as pieces verify, with a fallback when the swarm stalls.
+"""In-order streaming of a chunk torrent's bytes as pieces verify, with a fallback on a stall.
 
 The reader pulls; nothing runs ahead of it but libtorrent itself. Pieces within `window` of the
 read position get deadlines (libtorrent fetches them first, from the fastest peers) so the first
@@ -19,7 +19,8 @@ from peer.session import PeerError, Torrent
 DEADLINE_STEP_MS = 20
 
 Fallback = Callable[[int, int], AsyncIterator[bytes]]
-"""`fallback(start, end)`: the blob's bytes [start, end) from elsewhere (the registry, by Range)."""
+"""`fallback(start, end)`: the torrent's bytes [start, end) from elsewhere (the registry, by Range).
+Offsets are the torrent's own: for a chunk torrent the caller adds the chunk's start in the blob."""
 
 
 class Stalled(Exception):

@@ -73,13 +73,13 @@ async def layer_source(config: NodeConfig, upstream: Upstream, state: NodeState)
     async with Peer(peer_config) as peer, aiohttp.ClientSession(timeout=TRACKER_TIMEOUT) as session:
         logger.info("peer listening", extra={"port": peer.port, "tracker": config.tracker})
         tracker = TrackerClient(session, config.tracker, tracker_ssl)
-        source = P2PBlobSource(config, peer, tracker, upstream, state.metrics)
-        state.blobs = source.status
-        announcing = spawn(Announcer(peer, tracker).run(), name="announcer")
-        try:
-            yield source
-        finally:
-            announcing.cancel()
+        async with P2PBlobSource(config, peer, tracker, upstream, state.metrics) as source:
+            state.blobs = source.status
+            announcing = spawn(Announcer(peer, tracker).run(), name="announcer")
+            try:
+                yield source
+            finally:
+                announcing.cancel()
 
 
 async def run(config: NodeConfig) -> None:

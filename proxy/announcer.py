@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from common.ids import Digest
-from peer.engine import Blob, Peer
+from peer.engine import ChunkedBlob, Peer
 from peer.session import PeerError
 from tracker.client import TrackerClient, TrackerRefused, TrackerUnavailable
 
@@ -58,12 +58,11 @@ class Announcer:
             await asyncio.gather(*(self._announce(blobs[digest]) for digest in due))
             await asyncio.sleep(TICK)
 
-    async def _announce(self, blob: Blob) -> None:
+    async def _announce(self, blob: ChunkedBlob) -> None:
+        """One announce per blob, not per chunk torrent: the tracker keeps peers per blob."""
         try:
-            left = blob.torrent.left()
-            answer = await self._tracker.announce(
-                blob.announce, blob.torrent.info_hash, self._peer.port, left
-            )
+            left = blob.left()
+            answer = await self._tracker.announce(blob.announce, blob.digest.swarm_id, self._peer.port, left)
         except (TrackerUnavailable, TrackerRefused, PeerError) as exc:
             logger.warning("announce failed: %s", exc, extra={"digest": str(blob.digest)})
             self._schedule.failed(blob.digest, time.monotonic())

@@ -7,6 +7,10 @@ from prometheus_client import CollectorRegistry, Counter
 BLOB_SOURCES = ("p2p", "upstream", "cache")
 CONNECTION_ACTIONS = ("intercept", "tunnel", "plain", "reject", "refused")
 REQUEST_KINDS = ("blob", "manifest", "other")
+# no_swarm: the tracker refused or could not be reached; no_chunk: nothing arrived for a chunk for
+# stall_timeout; origin_failed: this node's own registry download of a chunk failed; peer_error:
+# the chunk's torrent failed. (A stalled torrent refilled from the registry is not a switch.)
+FALLBACK_REASONS = ("no_swarm", "no_chunk", "origin_failed", "peer_error")
 
 
 class NodeMetrics:
@@ -27,6 +31,11 @@ class NodeMetrics:
             "Proxy connections by what was done with them (refused: not a loopback client)",
             ["action"], registry=self.registry,
         )  # fmt: skip
+        self.p2p_fallbacks = Counter(
+            "shoal_p2p_fallbacks_total",
+            "Times a layer response went on from the registry because the swarm could not, by reason",
+            ["reason"], registry=self.registry,
+        )  # fmt: skip
         self.upstream_errors = Counter(
             "shoal_proxy_upstream_errors_total",
             "Registry requests that failed before or while streaming the response",
@@ -36,6 +45,8 @@ class NodeMetrics:
             self.blob_bytes.labels(source)
         for action in CONNECTION_ACTIONS:
             self.connections.labels(action)
+        for reason in FALLBACK_REASONS:
+            self.p2p_fallbacks.labels(reason)
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Counter values by metric and label values, for /status."""

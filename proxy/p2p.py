@@ -2,9 +2,13 @@
 
 For a layer GET the registry is asked first (`HEAD` with dockerd's own credential): it stays the
 authority on what dockerd may pull, and it tells the size, so the response headers go out at once.
-The bytes then come from the cache, from peers (leecher), from the registry while this node fetches
-the layer for the whole cluster (origin), or from the registry directly whenever the peer-to-peer
-path fails: a pull never fails because of it. One fetch per blob per node, however many clients ask.
+The body is then one loop over ordered sources, chunk by chunk: the cache (a complete blob), the
+swarm (this node's `BlobFetch`: its own registry download of a chunk it fetches for the cluster,
+or the chunk's torrent), and the registry (`Range`, dockerd's credential). A source that cannot
+go on says why at an offset; the next one carries on from there, with one log line and one
+`shoal_p2p_fallbacks_total{reason}` per switch. A pull never fails because the peer-to-peer path
+failed, and it never completes with wrong bytes: a whole-blob response is hashed as it streams and
+cut before its last bytes when the digest does not match, so the client's own retry starts clean.
 """
 
 from __future__ import annotations
@@ -12,43 +16,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
 from common.certs import key_pem, make_csr, new_key
+from common.chunks import chunks_in
 from common.ids import Digest, NodeId
 from common.tasks import spawn
 from peer.cache import Credentials, DigestMismatch
-from peer.engine import Blob, Peer
+from peer.engine import Peer
 from peer.session import PeerError
-from peer.stream import Stalled
 from proxy.blobs import BlobRequest, UpstreamBlobSource
 from proxy.config import NodeConfig
+from proxy.fetch import BlobFetch, Chunks, RegistryRange, Unavailable
 from proxy.metrics import NodeMetrics
 from proxy.routing import without
 from proxy.upstream import CHUNK, Upstream, UpstreamBroken
-from tracker.client import JoinAnswer, TrackerClient, TrackerRefused, TrackerUnavailable
+from tracker.client import TrackerClient, TrackerRefused, TrackerUnavailable
 
 logger = logging.getLogger(__name__)
-
-Chunks = AsyncIterator[tuple[bytes, str]]  # bytes and the `source` label they are counted under
-RegistryRange = Callable[[int, int], AsyncIterator[bytes]]
-
 
 # Cached blobs are read 1 MiB per thread hop: at 256 KiB the hops cost a sixth of the node's CPU
 # (tests/bench/cache_hit.py).
 CACHE_READ = 2**20
-ORIGIN_FAILURES = (DigestMismatch, UpstreamBroken, OSError, PeerError, TrackerUnavailable, TrackerRefused)
-
-
-class P2PFailed(Exception):
-    """The peer-to-peer path cannot deliver the rest; the registry will."""
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -69,97 +65,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-@dataclass
-class WaitProgress:
-    """Whether a waiter should stop waiting: the origin's byte count has not moved for
-    `stall_timeout` seconds (or nobody is fetching at all), the same patience as with a swarm."""
-
-    stall_timeout: float
-    last_bytes: int | None = None
-    since: float | None = None
-
-    def stalled(self, origin_bytes: int | None, now: float) -> bool:
-        if self.since is None or (origin_bytes is not None and origin_bytes != self.last_bytes):
-            self.last_bytes, self.since = origin_bytes, now
-        return now - self.since >= self.stall_timeout
-
-
-class Fetch(Protocol):
-    """One blob's download on this node, shared by every client that asks for it."""
-
-    def read(self, start: int, end: int, registry: RegistryRange) -> Chunks: ...
-
-
-@dataclass
-class LeechFetch:
-    blob: Blob
-
-    async def read(self, start: int, end: int, registry: RegistryRange) -> Chunks:
-        switched = False
-
-        async def fallback(lo: int, hi: int) -> AsyncIterator[bytes]:
-            nonlocal switched
-            swarm: dict[str, Any] = {}
-            with contextlib.suppress(PeerError):  # the torrent may have failed: that is the news
-                status = self.blob.torrent.status()
-                swarm = {"peers": status.peers, "progress": round(status.progress, 4), "state": status.state}
-            logger.warning(
-                "swarm stalled; rest from the registry", extra={"digest": str(self.blob.digest), **swarm}
-            )
-            switched = True
-            async for chunk in registry(lo, hi):
-                yield chunk
-
-        try:
-            async for chunk in self.blob.stream(start, end, fallback):
-                yield chunk, "upstream" if switched else "p2p"
-        except (PeerError, Stalled, EOFError) as exc:
-            raise P2PFailed(str(exc)) from None
-
-
-@dataclass
-class OriginFetch:
-    """This node fetches the blob from the registry for the cluster: clients read as it arrives."""
-
-    digest: Digest
-    size: int
-    path: os.PathLike[str]
-    written: int = 0
-    failed: BaseException | None = None
-    done: bool = False
-    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    async def read(self, start: int, end: int, registry: RegistryRange) -> Chunks:
-        position = start
-        try:
-            file = open(self.path, "rb")  # noqa: SIM115 (the name may move into the cache: the fd stays)
-        except FileNotFoundError:
-            raise P2PFailed("origin download already moved into the cache") from None
-        with file:
-            while position < end:
-                await self._wait_past(position)
-                if self.written <= position:
-                    raise P2PFailed(f"origin download failed: {self.failed}")
-                data = os.pread(file.fileno(), min(CHUNK, min(self.written, end) - position), position)
-                position += len(data)
-                yield data, "upstream"
-
-    async def _wait_past(self, position: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.written > position or self.done)
-
-    async def advanced(self, written: int) -> None:
-        async with self._changed:
-            self.written = written
-            self._changed.notify_all()
-
-    async def finished(self, error: BaseException | None) -> None:
-        async with self._changed:
-            self.failed, self.done = error, True
-            self._changed.notify_all()
-
-
 class P2PBlobSource:
+    """Owns every `BlobFetch`: starts one per blob on first request, removes it once the blob is
+    complete in the cache (or found wrong), and cancels them all on exit."""
+
     def __init__(
         self,
         config: NodeConfig,
@@ -175,17 +84,28 @@ class P2PBlobSource:
         self._upstream = upstream
         self._metrics = metrics
         self._direct = UpstreamBlobSource(upstream, metrics)
-        self._fetches: dict[Digest, asyncio.Task[Fetch | None]] = {}
-        self.origins: dict[Digest, OriginFetch] = {}
+        self._fetches: dict[Digest, BlobFetch] = {}
+        self._joining: dict[Digest, asyncio.Task[BlobFetch]] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> P2PBlobSource:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        tasks = [*self._joining.values(), *self._watchers]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for fetch in self._fetches.values():
+            await fetch.close()
+        self._fetches.clear()
 
     def status(self) -> list[dict[str, Any]]:
-        """Blobs this node fetches from the registry for the cluster, then its torrents."""
-        origins = [
-            {"digest": str(f.digest), "state": "origin", "progress": round(f.written / max(f.size, 1), 4),
-             "size": f.size}
-            for f in self.origins.values()
-        ]  # fmt: skip
-        return origins + [dataclasses.asdict(s) for s in self._peer.status()]
+        """Blobs this node is fetching, then its chunk torrents."""
+        fetching = [fetch.status() for fetch in self._fetches.values()]
+        return fetching + [dataclasses.asdict(s) for s in self._peer.status()]
 
     async def serve(self, blob: BlobRequest) -> web.StreamResponse:
         request = blob.request
@@ -206,11 +126,32 @@ class P2PBlobSource:
         if wanted:
             response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         await response.prepare(request)
-        async for chunk, source in self._body(blob, start, end):
-            await response.write(chunk)
-            self._metrics.blob_bytes.labels(source).inc(len(chunk))
+        await self._send(response, blob, start, end, whole=wanted is None)
         await response.write_eof()
         return response
+
+    async def _send(
+        self, response: web.StreamResponse, blob: BlobRequest, start: int, end: int, *, whole: bool
+    ) -> None:
+        """Stream the body, one piece of data held back: a whole blob's last bytes go out only
+        once the digest of everything sent matched."""
+        digest = hashlib.sha256() if whole else None
+        held: tuple[bytes, str] | None = None
+        async for data, source in self._body(blob, start, end):
+            if digest is not None:
+                digest.update(data)
+            if held is not None:
+                await self._write(response, *held)
+            held = data, source
+        if digest is not None and digest.hexdigest() != blob.digest.hex:
+            await self._wrong_bytes(blob)
+            raise UpstreamBroken(f"{blob.digest}: the bytes do not match the digest; response cut short")
+        if held is not None:
+            await self._write(response, *held)
+
+    async def _write(self, response: web.StreamResponse, data: bytes, source: str) -> None:
+        await response.write(data)
+        self._metrics.blob_bytes.labels(source).inc(len(data))
 
     async def _registry_size(self, blob: BlobRequest) -> int | None:
         """The blob's size when the registry lets dockerd's credential have it, else None."""
@@ -220,41 +161,54 @@ class P2PBlobSource:
         ) as response:
             return response.content_length if response.status == 200 else None
 
-    async def _body(self, blob: BlobRequest, start: int, end: int) -> Chunks:
-        position = start
-        try:
-            async for chunk, source in self._from_node(blob, start, end):
-                position += len(chunk)
-                yield chunk, source
-        except P2PFailed as exc:
-            context = {"digest": str(blob.digest), "error": str(exc), "offset": position}
-            logger.warning("peer-to-peer path failed; rest from the registry", extra=context)
-            async for chunk in self._registry_range(blob)(position, end):
-                yield chunk, "upstream"
+    # the sources, in order
 
-    async def _from_node(self, blob: BlobRequest, start: int, end: int) -> Chunks:
-        digest = blob.digest
-        if digest in self._peer.cache:
-            self._fetches.pop(digest, None)
-            async for chunk in self._read_cached(digest, start, end):
-                yield chunk, "cache"
+    async def _body(self, blob: BlobRequest, start: int, end: int) -> Chunks:
+        if blob.digest in self._peer.cache:
+            async for data in self._read_cached(blob.digest, start, end):
+                yield data, "cache"
             return
-        fetch = await self._fetch(blob)
-        if fetch is None:
-            raise P2PFailed("no swarm for this blob")
-        async for item in fetch.read(start, end, self._registry_range(blob)):
-            yield item
+        registry = self._registry_range(blob)
+        try:
+            fetch = await self._fetch(blob, registry)
+        except Unavailable as why:
+            self._switched(blob.digest, why, start)
+            async for data in registry(start, end):
+                yield data, "upstream"
+            return
+        for chunk in chunks_in(fetch.blob.chunks, start, end):
+            position = max(start, chunk.start)
+            stop = min(end, chunk.end)
+            try:
+                async for data, source in fetch.read(chunk, position, stop):
+                    position += len(data)
+                    yield data, source
+            except Unavailable as why:
+                self._switched(blob.digest, why, position)
+                async for data in registry(position, stop):
+                    yield data, "upstream"
+
+    def _switched(self, digest: Digest, why: Unavailable, offset: int) -> None:
+        logger.warning(
+            "from the registry: %s",
+            why,
+            extra={"digest": str(digest), "reason": why.reason, "offset": offset},
+        )
+        self._metrics.p2p_fallbacks.labels(why.reason).inc()
 
     async def _read_cached(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
-        with self._peer.cache.pin(digest) as path, open(path, "rb") as file:
-            position = start
-            while position < end:
-                size = min(CACHE_READ, end - position)
-                data = await asyncio.to_thread(os.pread, file.fileno(), size, position)
-                if not data:
-                    raise P2PFailed("cached blob shorter than its size")
-                position += len(data)
-                yield data
+        with self._peer.cache.pin(digest):
+            for path, offset, length in self._peer.cache.ranges(digest, start, end):
+                with open(path, "rb") as file:
+                    position, stop = offset, offset + length
+                    while position < stop:
+                        data = await asyncio.to_thread(
+                            os.pread, file.fileno(), min(CACHE_READ, stop - position), position
+                        )
+                        if not data:
+                            raise UpstreamBroken(f"{digest}: cached chunk {path.name} is short")
+                        position += len(data)
+                        yield data
 
     def _registry_range(self, blob: BlobRequest) -> RegistryRange:
         async def fetch(start: int, end: int) -> AsyncIterator[bytes]:
@@ -275,104 +229,72 @@ class P2PBlobSource:
 
         return fetch
 
-    async def _fetch(self, blob: BlobRequest) -> Fetch | None:
-        task = self._fetches.get(blob.digest)
-        if task is None or (task.done() and (task.cancelled() or task.exception() or task.result() is None)):
-            task = spawn(self._start(blob), name=f"fetch-{blob.digest.hex[:12]}")
-            self._fetches[blob.digest] = task
-        return await asyncio.shield(task)
+    # fetches: one per blob, whoever asks
 
-    async def _start(self, blob: BlobRequest) -> Fetch | None:
-        """Join the blob's swarm and start fetching it; None when the tracker says no or is away."""
+    async def _fetch(self, blob: BlobRequest, registry: RegistryRange) -> BlobFetch:
+        fetch = self._fetches.get(blob.digest)
+        if fetch is not None:
+            fetch.registry = registry
+            return fetch
+        joining = self._joining.get(blob.digest)
+        if joining is None:
+            joining = spawn(self._join(blob, registry), name=f"join-{blob.digest.hex[:12]}")
+            self._joining[blob.digest] = joining
+            joining.add_done_callback(lambda _: self._joining.pop(blob.digest, None))
+        return await asyncio.shield(joining)
+
+    async def _join(self, blob: BlobRequest, registry: RegistryRange) -> BlobFetch:
+        """Join the blob's swarm once and start fetching it; `Unavailable` when the tracker says
+        no or is away."""
         key = new_key()
-        csr = make_csr(key)
         authorization = blob.request.headers.get("Authorization")
-        progress = WaitProgress(self._config.stall_timeout)
-        while True:
-            try:
-                answer = await self._tracker.join(
-                    blob.digest, blob.registry.host, blob.repository, self._node, csr, authorization
-                )
-            except (TrackerUnavailable, TrackerRefused) as exc:
-                logger.warning("no swarm: %s", exc, extra={"digest": str(blob.digest)})
-                return None
-            if answer.role != "wait":
-                break
-            if progress.stalled(answer.origin_bytes, time.monotonic()):
-                logger.warning(
-                    "origin made no progress; from the registry", extra={"digest": str(blob.digest)}
-                )
-                return None
-            await asyncio.sleep(answer.retry_after or 1.0)
-        assert answer.cert is not None and answer.ca is not None
-        if answer.role == "leecher":
-            assert answer.torrent is not None and answer.announce is not None
-            credentials = Credentials(answer.cert.encode(), key_pem(key), answer.announce)
-            try:
-                return LeechFetch(await self._peer.fetch(blob.digest, answer.torrent, credentials))
-            except PeerError as exc:
-                logger.warning("cannot join swarm: %s", exc, extra={"digest": str(blob.digest)})
-                return None
-        return await self._become_origin(blob, answer, key_pem(key))
-
-    async def _become_origin(self, blob: BlobRequest, answer: JoinAnswer, key: bytes) -> OriginFetch | None:
-        size = await self._registry_size(blob)
-        if size is None:
-            return None
-        path = self._peer.cache.partial_path(blob.digest).with_suffix(".origin")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
-        fetch = OriginFetch(blob.digest, size, path)
-        self.origins[blob.digest] = fetch
-        spawn(self._run_origin(blob, fetch, answer, key), name=f"origin-{blob.digest.hex[:12]}")
+        try:
+            swarm = await self._tracker.join(
+                blob.digest, blob.registry.host, blob.repository, self._node, make_csr(key), authorization
+            )
+            credentials = Credentials(swarm.cert.encode(), key_pem(key), swarm.announce)
+            chunked = await self._peer.open(blob.digest, swarm.size, swarm.chunk_size, credentials)
+        except (TrackerUnavailable, TrackerRefused, PeerError) as exc:
+            raise Unavailable("no_swarm", f"no swarm: {exc}") from None
+        fetch = BlobFetch(swarm, chunked, self._tracker, registry, self._config.stall_timeout)
+        self._fetches[blob.digest] = fetch
+        await fetch.start()
+        watcher = spawn(self._until_cached(fetch, blob), name=f"watch-{blob.digest.hex[:12]}")
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
         return fetch
 
-    async def _run_origin(
-        self, blob: BlobRequest, fetch: OriginFetch, answer: JoinAnswer, key: bytes
-    ) -> None:
-        assert answer.lease is not None and answer.cert is not None and answer.ca is not None
-        lease = answer.lease
-        reporter = spawn(self._keep_lease(fetch, lease, answer.lease_seconds or 60), name="lease")
-        error: BaseException | None = None
+    async def _until_cached(self, fetch: BlobFetch, blob: BlobRequest) -> None:
+        """Finish a fetch: once its blob is complete and verified it is served from the cache and
+        seeded; wrong bytes are reported and dropped, so the next pull fetches it again."""
         try:
-            await self._download(blob, fetch)
-            await self._peer.commit(blob.digest, fetch.path)  # type: ignore[arg-type]
-            metainfo = await self._peer.make_metainfo(blob.digest, answer.ca.encode())
-            announce = await self._tracker.publish(blob.digest, lease, metainfo)
-            await self._peer.seed(blob.digest, metainfo, Credentials(answer.cert.encode(), key, announce))
-            logger.info("published and seeding", extra={"digest": str(blob.digest), "bytes": fetch.size})
-        except (
-            DigestMismatch,
-            UpstreamBroken,
-            OSError,
-            PeerError,
-            TrackerUnavailable,
-            TrackerRefused,
-        ) as exc:
-            logger.error("origin fetch failed: %s", exc, extra={"digest": str(blob.digest)})
-            error = exc
-        finally:
-            reporter.cancel()
-            await fetch.finished(error)
-            self.origins.pop(blob.digest, None)
-            self._fetches.pop(blob.digest, None)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(fetch.path)
+            await fetch.blob.completed()
+        except DigestMismatch:
+            await self._wrong_bytes(blob)
+            return
+        except PeerError as exc:
+            logger.warning("blob not completed: %s", exc, extra={"digest": str(blob.digest)})
+        if self._fetches.get(blob.digest) is fetch:
+            del self._fetches[blob.digest]
+        await fetch.close()
 
-    async def _download(self, blob: BlobRequest, fetch: OriginFetch) -> None:
-        written = 0
-        with open(fetch.path, "r+b") as file:
-            async for chunk in self._registry_range(blob)(0, fetch.size):
-                os.pwrite(file.fileno(), chunk, written)
-                written += len(chunk)
-                await fetch.advanced(written)
-            if written != fetch.size:
-                raise UpstreamBroken(f"registry sent {written} of {fetch.size} bytes")
-            await asyncio.to_thread(os.fsync, file.fileno())
-
-    async def _keep_lease(self, fetch: OriginFetch, lease: str, lease_seconds: int) -> None:
-        """Tell the tracker about progress well within the lease, so waiters are not promoted."""
-        while True:
-            await asyncio.sleep(max(1.0, lease_seconds / 4))
+    async def _wrong_bytes(self, blob: BlobRequest) -> None:
+        """The chunks this node holds do not make the blob: tell the tracker (which checks the
+        claim against the registry itself and withdraws the chunks that are wrong), and forget
+        them all."""
+        fetch = self._fetches.pop(blob.digest, None)
+        logger.error("blob does not match its digest; reporting it", extra={"digest": str(blob.digest)})
+        if fetch is not None:
+            await fetch.close()
             with contextlib.suppress(TrackerUnavailable, TrackerRefused):
-                await self._tracker.progress(fetch.digest, lease, fetch.written)
+                withdrawn = await self._tracker.report(
+                    blob.digest, "digest_mismatch", fetch.swarm.key, blob.registry.host,
+                    blob.repository, blob.request.headers.get("Authorization"),
+                )  # fmt: skip
+                logger.warning(
+                    "the tracker withdrew chunks %s", withdrawn, extra={"digest": str(blob.digest)}
+                )
+        await self._peer.drop(blob.digest)
+        if blob.digest in self._peer.cache:  # bytes changed on disk since they were verified
+            with contextlib.suppress(RuntimeError):  # still pinned by another reader: next time
+                await asyncio.to_thread(self._peer.cache.delete, blob.digest)

@@ -18,7 +18,7 @@ from tracker.auth import JoinAuthorizer
 from tracker.ca import announce_secret, load_or_create_ca
 from tracker.config import TrackerConfig
 from tracker.metrics import TrackerMetrics
-from tracker.registry import open_blob_checker
+from tracker.registry import open_registry
 from tracker.server import Tracker, make_app
 from tracker.store import open_store
 
@@ -74,11 +74,11 @@ async def run(config: TrackerConfig) -> None:
     stop = stop_on_signals()
     async with (
         open_store(config.store, config.state_dir) as store,
-        open_blob_checker(config.registries, config.upstream_timeout) as checker,
+        open_registry(config.registries, config.upstream_timeout) as registry,
     ):
-        authorizer = JoinAuthorizer(checker, token_verifiers(config), config.basic_auth_cache)
+        authorizer = JoinAuthorizer(registry, token_verifiers(config), config.basic_auth_cache)
         keys = AnnounceKeys(announce_secret(ca))
-        tracker = Tracker(config, ca, keys, store, authorizer, TrackerMetrics())
+        tracker = Tracker(config, ca, keys, store, authorizer, registry, TrackerMetrics())
         async with serving(make_app(tracker), config):
             await stop.wait()
             logger.info("stopping")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import ipaddress
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote_from_bytes
 
 import aiohttp
@@ -14,7 +15,11 @@ import aiohttp
 from common import bencoding
 from common.ids import Digest, InfoHash, NodeId, Repository
 
-LEASE_HEADER = "Shoal-Lease"  # carries the origin lease token on PUT .../torrent
+A = TypeVar("A")
+
+LEASE_HEADER = "Shoal-Lease"  # carries the chunk lease token on PUT .../chunks/<index>/torrent
+# A sync may take its `wait` and then some: the tracker's own work and the network on top.
+SYNC_MARGIN_SECONDS = 10
 
 
 class TrackerUnavailable(Exception):
@@ -32,23 +37,86 @@ class TrackerRefused(Exception):
 
 
 @dataclass(frozen=True)
-class JoinAnswer:
-    role: str  # "leecher", "origin" or "wait"
-    cert: str | None = None
-    ca: str | None = None
-    expires_at: int | None = None
-    torrent: bytes | None = None  # leecher
-    announce: str | None = None  # leecher
-    lease: str | None = None  # origin
-    lease_seconds: int | None = None  # origin
-    retry_after: float | None = None  # wait
-    origin_bytes: int | None = None  # wait: the origin's progress; None when nobody is fetching
+class ChunkTorrent:
+    index: int
+    metainfo: bytes
+    info_hash: str  # hex of the chunk torrent's truncated v2 info-hash
+
+
+@dataclass(frozen=True)
+class ChunkLease:
+    """The right to fetch chunk `index` from the registry and publish its torrent; kept by
+    `progress` with growing byte counts at least every `seconds`."""
+
+    index: int
+    token: str
+    seconds: int
+
+
+@dataclass(frozen=True)
+class Swarm:
+    """A join's answer: the blob-scoped peer certificate, the blob's announce URL and key (for the
+    blob's swarm id), its chunk plan, its published chunks and the chunk leases this node holds."""
+
+    cert: str
+    ca: str
+    expires_at: int
+    announce: str
+    key: str
+    size: int
+    chunk_size: int
+    chunks: list[ChunkTorrent]
+    leases: list[ChunkLease]
+
+
+@dataclass(frozen=True)
+class SyncAnswer:
+    chunks: list[ChunkTorrent]  # published chunks the node did not list as known
+    withdrawn: list[str]  # info hashes it listed that are no longer published
+    leases: list[ChunkLease]  # every live lease it holds, new ones included
 
 
 @dataclass(frozen=True)
 class Announced:
     peers: list[tuple[str, int]]
     interval: int
+
+
+def _decoded(call: str, decode: Callable[[], A]) -> A:
+    """An answer of the expected shape, or `TrackerUnavailable`: a tracker that answers 200 with
+    another shape is broken, and the node goes back to the registry."""
+    try:
+        return decode()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TrackerUnavailable(f"{call}: malformed answer: {exc.__class__.__name__}: {exc}") from None
+
+
+def _typed(value: object, kind: type[A]) -> A:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _chunk_torrents(raw: object) -> list[ChunkTorrent]:
+    return [
+        ChunkTorrent(
+            index=_typed(item["index"], int),
+            metainfo=base64.b64decode(_typed(item["torrent"], str), validate=True),
+            info_hash=_typed(item["info_hash"], str),
+        )
+        for item in _typed(raw, list)
+    ]
+
+
+def _chunk_leases(raw: object) -> list[ChunkLease]:
+    return [
+        ChunkLease(
+            index=_typed(item["index"], int),
+            token=_typed(item["token"], str),
+            seconds=_typed(item["seconds"], int),
+        )
+        for item in _typed(raw, list)
+    ]
 
 
 def _compact_peers(raw: object, version: int) -> list[tuple[str, int]]:
@@ -79,7 +147,7 @@ class TrackerClient:
         node: NodeId,
         csr_pem: str,
         authorization: str | None,
-    ) -> JoinAnswer:
+    ) -> Swarm:
         body = {
             "registry": registry,
             "repository": str(repository),
@@ -88,25 +156,70 @@ class TrackerClient:
         }
         headers = {"Authorization": authorization} if authorization else {}
         answer = await self._call("POST", f"/v1/blobs/{digest}/join", json=body, headers=headers)
-        torrent = answer.pop("torrent", None)
-        return JoinAnswer(**answer, torrent=base64.b64decode(torrent) if torrent else None)
-
-    async def progress(self, digest: Digest, lease: str, bytes_done: int) -> None:
-        await self._call("POST", f"/v1/blobs/{digest}/progress", json={"lease": lease, "bytes": bytes_done})
-
-    async def publish(self, digest: Digest, lease: str, metainfo: bytes) -> str:
-        """Publish the origin's torrent; returns the announce URL to seed it with."""
-        answer = await self._call(
-            "PUT", f"/v1/blobs/{digest}/torrent", data=metainfo, headers={LEASE_HEADER: lease}
+        return _decoded(
+            "join",
+            lambda: Swarm(
+                cert=_typed(answer["cert"], str),
+                ca=_typed(answer["ca"], str),
+                expires_at=_typed(answer["expires_at"], int),
+                announce=_typed(answer["announce"], str),
+                key=_typed(answer["key"], str),
+                size=_typed(answer["size"], int),
+                chunk_size=_typed(answer["chunk_size"], int),
+                chunks=_chunk_torrents(answer["chunks"]),
+                leases=_chunk_leases(answer["leases"]),
+            ),
         )
-        return str(answer["announce"])
 
-    async def report(self, digest: Digest, reason: str, key: str, peer: str | None = None) -> None:
-        body = {"reason": reason, "key": key} | ({"peer": peer} if peer else {})
-        await self._call("POST", f"/v1/blobs/{digest}/report", json=body)
+    async def sync(self, digest: Digest, key: str, known: list[str], wait: float) -> SyncAnswer:
+        """Chunks published and withdrawn since `known`, and this node's leases; the tracker holds
+        the call up to `wait` seconds until something is new."""
+        body = {"key": key, "known": known, "wait": wait}
+        timeout = aiohttp.ClientTimeout(total=wait + SYNC_MARGIN_SECONDS)
+        answer = await self._call("POST", f"/v1/blobs/{digest}/sync", json=body, timeout=timeout)
+        return _decoded(
+            "sync",
+            lambda: SyncAnswer(
+                chunks=_chunk_torrents(answer["chunks"]),
+                withdrawn=[_typed(h, str) for h in _typed(answer["withdrawn"], list)],
+                leases=_chunk_leases(answer["leases"]),
+            ),
+        )
+
+    async def progress(self, digest: Digest, lease_token: str, bytes_done: int) -> None:
+        body = {"lease": lease_token, "bytes": bytes_done}
+        await self._call("POST", f"/v1/blobs/{digest}/progress", json=body)
+
+    async def publish_chunk(self, digest: Digest, index: int, lease_token: str, metainfo: bytes) -> str:
+        """Publish the torrent of chunk `index`, made while holding its lease; its info hash (hex)."""
+        answer = await self._call(
+            "PUT", f"/v1/blobs/{digest}/chunks/{index}/torrent", data=metainfo,
+            headers={LEASE_HEADER: lease_token},
+        )  # fmt: skip
+        return _decoded("publish", lambda: _typed(answer["info_hash"], str))
+
+    async def report(
+        self,
+        digest: Digest,
+        reason: str,
+        key: str,
+        registry: str,
+        repository: Repository,
+        authorization: str | None,
+        peer: str | None = None,
+    ) -> list[int]:
+        """Report `digest_mismatch` (the tracker checks the published chunks against the registry,
+        with this credential) or `bad_peer`; the indices of the chunks it withdrew."""
+        body = {"reason": reason, "key": key, "registry": registry, "repository": str(repository)}
+        headers = {"Authorization": authorization} if authorization else {}
+        answer = await self._call(
+            "POST", f"/v1/blobs/{digest}/report", json=body | ({"peer": peer} if peer else {}),
+            headers=headers,
+        )  # fmt: skip
+        return _decoded("report", lambda: [_typed(i, int) for i in _typed(answer["withdrawn"], list)])
 
     async def announce(self, url: str, info_hash: InfoHash, port: int, left: int) -> Announced:
-        """One BitTorrent announce (BEP 3, compact) to `url`, the announce URL a join or publish
+        """One BitTorrent announce (BEP 3, compact) to `url`, the announce URL a join
         returned, over this client's verified TLS; the peers the tracker names."""
         query = f"&info_hash={quote_from_bytes(info_hash.raw)}&port={port}&left={left}&compact=1&numwant=50"
         try:

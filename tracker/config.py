@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import Address, Duration, Url
+from common.chunks import check_chunk_size
+from common.config import Address, Duration, Size, Url
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,16 @@ class TrackerConfig:
     state_dir: Path = Path("/var/lib/shoal-tracker")
     store: str = "sqlite"  # or "redis://host:port/db" to share state between replicas
     peer_cert_ttl: Duration = 6 * 3600
-    origin_lease: Duration = 60
+    # Seconds without forward progress before a chunk lease is lost: nodes report every lease/4, so
+    # a dead origin costs the swarm at most this long on one chunk.
+    origin_lease: Duration = 20
+    # 32 MiB: big enough that a chunk's torrent, peer connections and announce overhead stay small
+    # against its bytes, small enough that a 256 MiB layer has 8 chunks to spread over origins
+    # (DESIGN.md: 4-8 partial seeders per blob are what make a swarm fast).
+    chunk_size: Size = 32 * 2**20
+    # Chunks of one blob leased at once: the registry serves at most this many in parallel, so its
+    # bytes leave roughly in order and the first chunks are published early.
+    chunks_in_flight: int = 2
     announce_interval: Duration = 30
     upstream_timeout: Duration = 10
     basic_auth_cache: Duration = 60  # how long a registry's "yes" to Basic credentials is reused
@@ -59,6 +69,12 @@ class TrackerConfig:
             raise ValueError(f'store: "sqlite" or a redis:// URL, got {self.store!r}')
         if self.announce_interval < 1 or self.origin_lease < 1 or self.peer_cert_ttl < 60:
             raise ValueError("announce_interval, origin_lease >= 1 s and peer_cert_ttl >= 60 s")
+        try:
+            check_chunk_size(self.chunk_size)
+        except ValueError as exc:
+            raise ValueError(f"chunk_size: {exc}") from None
+        if self.chunks_in_flight < 1:
+            raise ValueError("chunks_in_flight must be at least 1")
 
     def registry(self, host: str) -> RegistryConfig | None:
         return next((r for r in self.registries if r.host == host), None)

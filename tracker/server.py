@@ -1,4 +1,5 @@
-"""The tracker's HTTP API: join, publish, progress, report, announce, scrape, CA, health, metrics.
+"""The tracker's HTTP API: join, sync, progress, chunk publish, report, announce, scrape, CA, health,
+metrics.
 
 Handlers parse at the edge, ask `auth`, `swarm` and `announce` for decisions, and raise `ApiError`;
 `common.errors` writes every error body. BitTorrent endpoints answer bencoded `failure reason`s.
@@ -6,12 +7,14 @@ Handlers parse at the edge, ask `auth`, `swarm` and `announce` for decisions, an
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import logging
+import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -31,29 +34,45 @@ from tracker.announce import (
     parse_announce,
     parse_scrape,
 )
-from tracker.auth import Denied, JoinAuthorizer
+from tracker.auth import Denied, Grant, JoinAuthorizer
 from tracker.client import LEASE_HEADER
-from tracker.config import TrackerConfig
-from tracker.metainfo import check_metainfo
+from tracker.config import RegistryConfig, TrackerConfig
+from tracker.events import BlobEvents, BlobLocks
+from tracker.metainfo import check_metainfo, pieces_root
 from tracker.metrics import TrackerMetrics
+from tracker.registry import BlobReader, RegistryUnavailable
 from tracker.store import Change, Store, T
 from tracker.swarm import (
+    MAX_SYNC_WAIT,
     BlobState,
-    Decision,
+    Lease,
     LeaseLost,
     Peer,
-    Role,
-    decide_join,
+    Rules,
+    SwarmView,
+    Visit,
+    apply_verdicts,
+    leased_chunk,
+    news,
+    next_expiry,
     publish,
     record_progress,
-    withdraw,
+    start,
+    to_verify,
+    visit,
 )
+from tracker.verify import registry_roots
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY = 32 * 1024 * 1024  # metainfo of a large layer: 32 bytes of piece layer per piece
+MAX_BODY = 32 * 1024 * 1024  # metainfo of a large chunk: 32 bytes of piece layer per piece
 REPORT_REASONS = ("digest_mismatch", "bad_peer")
 BENCODE = "text/plain"
+# How often a long-poll re-reads the blob's version: other replicas' changes (through Redis) reach
+# a waiting node at most this late; this process's own changes wake it at once.
+POLL_SECONDS = 0.25
+MAX_KNOWN = 100_000  # info hashes a sync may list: far more than any blob has chunks
+_INFO_HASH_HEX = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,15 @@ class Tracker:
     keys: AnnounceKeys
     store: Store
     authorizer: JoinAuthorizer
+    registry: BlobReader
     metrics: TrackerMetrics
+    events: BlobEvents = field(default_factory=BlobEvents)
+    checks: BlobLocks = field(default_factory=BlobLocks)  # one report check per blob at a time
+
+    @property
+    def rules(self) -> Rules:
+        config = self.config
+        return Rules(config.origin_lease, config.chunks_in_flight, config.announce_interval)
 
 
 TRACKER = web.AppKey("tracker", Tracker)
@@ -74,9 +101,11 @@ def make_app(tracker: Tracker) -> web.Application:
         middlewares=[access_log_middleware, errors.error_middleware], client_max_size=MAX_BODY
     )
     app[TRACKER] = tracker
+    app.on_shutdown.append(_end_long_polls)
     app.router.add_post("/v1/blobs/{digest}/join", join)
+    app.router.add_post("/v1/blobs/{digest}/sync", sync)
     app.router.add_post("/v1/blobs/{digest}/progress", progress)
-    app.router.add_put("/v1/blobs/{digest}/torrent", put_torrent)
+    app.router.add_put("/v1/blobs/{digest}/chunks/{index}/torrent", put_chunk_torrent)
     app.router.add_post("/v1/blobs/{digest}/report", report)
     app.router.add_get("/announce", announce)
     app.router.add_get("/scrape", scrape)
@@ -86,14 +115,19 @@ def make_app(tracker: Tracker) -> web.Application:
     return app
 
 
+async def _end_long_polls(app: web.Application) -> None:
+    """aiohttp's shutdown hook runs before it waits for requests in flight: syncs answer with what
+    they have, and their nodes ask again (another replica, or this one once restarted)."""
+    app[TRACKER].events.close()
+
+
 async def join(request: web.Request) -> web.Response:
     tracker = request.app[TRACKER]
     try:
         return await _join(request, tracker)
     except Denied as denied:
         tracker.metrics.join_denied.labels(denied.reason).inc()
-        code = {400: errors.BAD_REQUEST, 401: errors.UNAUTHORIZED}.get(denied.status, errors.DENIED)
-        raise ApiError(code, denied.message) from None
+        raise _refusal(denied) from None
 
 
 async def _join(request: web.Request, tracker: Tracker) -> web.Response:
@@ -101,56 +135,132 @@ async def _join(request: web.Request, tracker: Tracker) -> web.Response:
     digest = _digest(request)
     try:
         body = await _json_body(request)
-        registry = config.registry(_string(body, "registry"))
-        if registry is None:
-            raise ValueError(f"registry {body['registry']!r} is not served by this tracker")
-        repository = Repository.parse(_string(body, "repository"))
+        registry, repository = _registry_and_repository(tracker, body)
         node = NodeId.parse(_string(body, "node"))
         csr = load_csr(_string(body, "csr"))
-    except ValueError as exc:
+    except (ValueError, ApiError) as exc:
         raise Denied("bad_request", 400, str(exc)) from None
-    authorization = request.headers.get("Authorization")
-    grant = await tracker.authorizer.authorize(registry, repository, digest, authorization)
-
-    now, token = time.time(), secrets.token_urlsafe(24)
-
-    def decide(state: BlobState) -> tuple[tuple[Decision, BlobState], BlobState]:
-        decision, new = decide_join(state, str(node), grant.size or 0, token, now, config.origin_lease)
-        return (decision, new), new
-
-    decision, state = await tracker.store.update_blob(digest, decide)
-    tracker.metrics.joins.labels(decision.role.value).inc()
-    logger.info(
-        "%s joins %s as %s", node, digest, decision.role.value,
-        extra={"event": "join", "node": str(node), "digest": str(digest), "role": decision.role.value},
-    )  # fmt: skip
-    if decision.role is Role.WAIT:
-        return web.json_response(
-            {
-                "role": "wait",
-                "retry_after": round(decision.retry_after, 1),
-                "origin_bytes": decision.origin_bytes,
-            }
-        )
+    grant = await _authorize(tracker, registry, repository, digest, request.headers.get("Authorization"))
+    size = grant.size
+    if size is None:
+        raise ApiError(errors.UNAVAILABLE, "the registry did not give the blob's size")
     cert = issue_peer_cert(tracker.ca, csr, digest, node, dt.timedelta(seconds=config.peer_cert_ttl))
     expires_at = int(cert.not_valid_after_utc.timestamp())
-    answer: dict[str, Any] = {
-        "role": decision.role.value,
-        "cert": cert_pem(cert).decode(),
-        "ca": tracker.ca.cert_pem.decode(),
-        "expires_at": expires_at,
-    }
-    if decision.lease is not None:
-        answer |= {"lease": decision.lease.token, "lease_seconds": config.origin_lease}
-    else:
-        assert state.torrent is not None and state.info_hash is not None
-        answer["torrent"] = base64.b64encode(state.torrent).decode()
-        answer["announce"] = _announce_url(tracker, node, InfoHash.from_hex(state.info_hash), expires_at)
-    return web.json_response(answer)
+
+    now = time.time()
+    swarm = await tracker.store.scrape(digest.swarm_id, now)
+
+    def change(state: BlobState) -> tuple[tuple[Visit, BlobState], BlobState]:
+        seen, new = visit(start(state, size, config.chunk_size), str(node), now, tracker.rules, swarm, _token)
+        return (seen, new), new
+
+    seen, state = await tracker.store.update_blob(digest, change)
+    tracker.metrics.joins.inc()
+    logger.info(
+        "%s joins %s", node, digest, extra={"event": "join", "node": str(node), "digest": str(digest)}
+    )
+    _visited(tracker, digest, node, seen)
+    key = tracker.keys.sign(node, digest.swarm_id, expires_at)
+    return web.json_response(
+        {
+            "cert": cert_pem(cert).decode(),
+            "ca": tracker.ca.cert_pem.decode(),
+            "expires_at": expires_at,
+            "announce": f"{config.public_url}/announce?{KEY_PARAM}={key}",
+            "key": key,
+            "size": state.size,
+            "chunk_size": state.chunk_size,
+            "chunks": _chunks(state, [i for i, _ in state.published()]),
+            "leases": _leases(seen.leases, config.origin_lease),
+        }
+    )
+
+
+async def sync(request: web.Request) -> web.Response:
+    """What the node has not seen: chunks published since, chunks withdrawn, leases it now holds.
+    Long-polls up to `wait` seconds until one of those is new."""
+    tracker = request.app[TRACKER]
+    digest = _digest(request)
+    body = await _json_body(request)
+    key = _string(body, "key")
+    known = _known(body.get("known", []))
+    wait = body.get("wait", 0)
+    if not isinstance(wait, int | float) or isinstance(wait, bool):
+        raise ApiError(errors.BAD_REQUEST, "wait must be a number of seconds")
+    node = _key_node(tracker, key, digest)
+    tracker.metrics.syncs.inc()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(max(float(wait), 0.0), MAX_SYNC_WAIT)
+    version = await tracker.store.blob_version(digest)
+    swarm: SwarmView | None = await tracker.store.scrape(digest.swarm_id, time.time())
+    while True:
+        seen, state = await _sync_visit(tracker, digest, node, swarm)
+        fresh, withdrawn = news(state, known)
+        if fresh or withdrawn or seen.granted:
+            break
+        changed = await _changed(tracker, digest, version, next_expiry(state), deadline)
+        if changed is None:
+            break
+        version, swarm = changed, None  # a dead swarm is judged once per call, not per re-check
+    return web.json_response(
+        {
+            "chunks": _chunks(state, fresh),
+            "withdrawn": withdrawn,
+            "leases": _leases(seen.leases, tracker.config.origin_lease),
+        }
+    )
+
+
+async def _sync_visit(
+    tracker: Tracker, digest: Digest, node: NodeId, swarm: SwarmView | None
+) -> tuple[Visit, BlobState]:
+    now = time.time()
+
+    def change(state: BlobState) -> tuple[tuple[Visit, BlobState], BlobState]:
+        if state.size is None:
+            raise ApiError(errors.BLOB_UNKNOWN, f"nobody joined {digest}: join first")
+        seen, new = visit(state, str(node), now, tracker.rules, swarm, _token)
+        return (seen, new), new
+
+    seen, state = await tracker.store.update_blob(digest, change)
+    _visited(tracker, digest, node, seen)
+    return seen, state
+
+
+async def _changed(
+    tracker: Tracker, digest: Digest, version: int, expiry: float | None, deadline: float
+) -> int | None:
+    """Wait until the blob may have changed (this process notified, another replica wrote it, or a
+    lease ran out so a chunk may be free): its version then; None once `deadline` passes."""
+    loop = asyncio.get_running_loop()
+    while (remaining := deadline - loop.time()) > 0:
+        woken = await tracker.events.wait(digest, min(POLL_SECONDS, remaining))
+        if tracker.events.closed:
+            return None
+        current = await tracker.store.blob_version(digest)
+        if woken or current != version or (expiry is not None and time.time() >= expiry):
+            return current
+    return None
+
+
+def _visited(tracker: Tracker, digest: Digest, node: NodeId, seen: Visit) -> None:
+    """Count and log what a join or sync decided; wake long-polls when chunks were unpublished."""
+    for index in seen.granted:
+        tracker.metrics.chunk_leases.inc()
+        logger.info(
+            "%s leases chunk %d of %s", node, index, digest,
+            extra={"event": "lease", "node": str(node), "digest": str(digest), "chunk": index},
+        )  # fmt: skip
+    if seen.reset:
+        logger.warning(
+            "no live peer in the swarm of %s: chunks %s need origins again", digest, seen.reset,
+            extra={"event": "reset", "digest": str(digest), "chunks": seen.reset},
+        )  # fmt: skip
+        tracker.events.notify(digest)
 
 
 async def progress(request: web.Request) -> web.Response:
-    """The origin's keep-alive: the lease lasts `origin_lease` past the last forward progress."""
+    """An origin's keep-alive: a chunk lease lasts `origin_lease` past its last forward progress."""
     tracker = request.app[TRACKER]
     digest = _digest(request)
     body = await _json_body(request)
@@ -163,56 +273,134 @@ async def progress(request: web.Request) -> web.Response:
     return web.json_response({"lease_seconds": lease})
 
 
-async def put_torrent(request: web.Request) -> web.Response:
+async def put_chunk_torrent(request: web.Request) -> web.Response:
     tracker = request.app[TRACKER]
     digest = _digest(request)
+    raw_index = request.match_info["index"]
+    if not raw_index.isdigit() or len(raw_index) > 9:
+        raise ApiError(errors.BAD_REQUEST, "chunk index must be a non-negative integer")
+    index = int(raw_index)
     token = request.headers.get(LEASE_HEADER, "")
     metainfo = await request.read()
     ca_pem = tracker.ca.cert_pem
+    now = time.time()
 
-    def change(state: BlobState) -> tuple[BlobState, BlobState]:
-        info_hash = check_metainfo(metainfo, digest, state.size, ca_pem)
-        new = publish(state, token, metainfo, info_hash.hex, time.time())
-        return new, new
+    def change(state: BlobState) -> tuple[tuple[InfoHash, str], BlobState]:
+        chunk = leased_chunk(state, index, token, now)  # the lease first: 409 before 400
+        info_hash = check_metainfo(metainfo, digest, chunk, ca_pem)
+        publisher = state.chunks[index].lease
+        assert publisher is not None  # leased_chunk checked it
+        return (info_hash, publisher.node), publish(state, index, token, metainfo, info_hash.hex, now)
 
-    state = await _update(tracker, digest, change)
-    assert state.publisher is not None and state.info_hash is not None
+    info_hash, publisher = await _update(tracker, digest, change)
     tracker.metrics.published.inc()
     logger.info(
-        "%s published the torrent of %s", state.publisher, digest,
-        extra={"event": "published", "node": state.publisher, "digest": str(digest)},
+        "%s published chunk %d of %s", publisher, index, digest,
+        extra={"event": "published", "node": publisher, "digest": str(digest), "chunk": index},
     )  # fmt: skip
-    expires_at = int(time.time()) + tracker.config.peer_cert_ttl
-    info_hash = InfoHash.from_hex(state.info_hash)
-    url = _announce_url(tracker, NodeId.parse(state.publisher), info_hash, expires_at)
-    return web.json_response({"announce": url, "info_hash": info_hash.hex})
+    tracker.events.notify(digest)
+    return web.json_response({"info_hash": info_hash.hex})
 
 
 async def report(request: web.Request) -> web.Response:
-    """A node holding an announce key for the blob's torrent reports a bad torrent or peer."""
+    """A node holding the blob's announce key reports a bad peer, or a blob whose assembled bytes
+    do not match its digest; the latter is checked against the registry before anything changes."""
     tracker = request.app[TRACKER]
     digest = _digest(request)
     body = await _json_body(request)
     reason, key = _string(body, "reason"), _string(body, "key")
     if reason not in REPORT_REASONS:
         raise ApiError(errors.BAD_REQUEST, f"reason must be one of {', '.join(REPORT_REASONS)}")
-
-    def change(state: BlobState) -> tuple[NodeId, BlobState]:
-        if state.info_hash is None:
-            raise ApiError(errors.BLOB_UNKNOWN, f"no torrent is published for {digest}")
-        try:
-            reporter = tracker.keys.verify(key, InfoHash.from_hex(state.info_hash), time.time())
-        except ValueError as exc:
-            raise ApiError(errors.DENIED, str(exc)) from None
-        return reporter, withdraw(state) if reason == "digest_mismatch" else state
-
-    reporter = await _update(tracker, digest, change)
+    reporter = _key_node(tracker, key, digest)
+    if reason == "bad_peer":
+        tracker.metrics.reports.labels(reason).inc()
+        peer = str(body.get("peer", ""))[:64]
+        logger.warning(
+            "%s reports bad peer %s on %s", reporter, peer, digest,
+            extra={"event": "report", "reason": reason, "node": str(reporter), "digest": str(digest)},
+        )  # fmt: skip
+        return web.json_response({"withdrawn": []})
+    registry, repository = _registry_and_repository(tracker, body)
+    authorization = request.headers.get("Authorization")
+    try:
+        await _authorize(tracker, registry, repository, digest, authorization)
+    except Denied as denied:
+        raise _refusal(denied) from None
     tracker.metrics.reports.labels(reason).inc()
-    if reason == "digest_mismatch":
+    async with tracker.checks.hold(digest):
+        withdrawn = await _check_report(tracker, digest, registry, repository, authorization, reporter)
+    return web.json_response({"withdrawn": withdrawn})
+
+
+async def _check_report(
+    tracker: Tracker,
+    digest: Digest,
+    registry: RegistryConfig,
+    repository: Repository,
+    authorization: str | None,
+    reporter: NodeId,
+) -> list[int]:
+    """Withdraw the published chunks whose pieces root differs from the registry's bytes; mark the
+    others verified, so that another report of them costs no registry read."""
+    state = await tracker.store.update_blob(digest, lambda s: (s, s))
+    suspects = to_verify(state)
+    withdrawn: list[int] = []
+    if suspects and state.chunk_size is not None:
+        plan = state.plan()
+        try:
+            roots, read = await registry_roots(
+                tracker.registry, registry, repository, digest, authorization, state.chunk_size,
+                [plan[index] for index, _ in suspects],
+            )  # fmt: skip
+        except RegistryUnavailable as exc:
+            raise ApiError(errors.UNAVAILABLE, str(exc)) from None
+        tracker.metrics.verify_bytes.inc(read)
+        verdicts = {i: (t.info_hash, pieces_root(t.metainfo) == roots[i]) for i, t in suspects}
+        withdrawn = await _update(tracker, digest, lambda s: apply_verdicts(s, verdicts))
+    torrents = dict(suspects)
+    for index in withdrawn:
+        publisher = torrents[index].publisher
         tracker.metrics.withdrawn.inc()
-    peer = str(body.get("peer", ""))[:64]
-    logger.warning("%s reports %s on %s %s", reporter, reason, digest, peer)
-    return web.json_response({"ok": True})
+        logger.warning(
+            "chunk %d of %s did not match the registry: withdrawn, %s barred from it",
+            index, digest, publisher,
+            extra={"event": "withdrawn", "node": publisher, "digest": str(digest), "chunk": index,
+                   "reporter": str(reporter)},
+        )  # fmt: skip
+    if withdrawn:
+        tracker.events.notify(digest)
+    else:
+        logger.warning(
+            "false report by %s: every published chunk of %s matches the registry", reporter, digest,
+            extra={"event": "false_report", "node": str(reporter), "digest": str(digest)},
+        )  # fmt: skip
+    return withdrawn
+
+
+async def _authorize(
+    tracker: Tracker,
+    registry: RegistryConfig,
+    repository: Repository,
+    digest: Digest,
+    authorization: str | None,
+) -> Grant:
+    try:
+        return await tracker.authorizer.authorize(registry, repository, digest, authorization)
+    except RegistryUnavailable as exc:
+        raise ApiError(errors.UNAVAILABLE, str(exc)) from None
+
+
+def _refusal(denied: Denied) -> ApiError:
+    code = {400: errors.BAD_REQUEST, 401: errors.UNAUTHORIZED}.get(denied.status, errors.DENIED)
+    return ApiError(code, denied.message)
+
+
+def _key_node(tracker: Tracker, key: str, digest: Digest) -> NodeId:
+    """The node an announce key for the blob's swarm was given to, or 403."""
+    try:
+        return tracker.keys.verify(key, digest.swarm_id, time.time())
+    except ValueError as exc:
+        raise ApiError(errors.DENIED, str(exc)) from None
 
 
 async def _update(tracker: Tracker, digest: Digest, change: Change[T]) -> T:
@@ -223,6 +411,26 @@ async def _update(tracker: Tracker, digest: Digest, change: Change[T]) -> T:
         raise ApiError(errors.CONFLICT, str(exc)) from None
     except ValueError as exc:
         raise ApiError(errors.BAD_REQUEST, str(exc)) from None
+
+
+def _chunks(state: BlobState, indices: list[int]) -> list[dict[str, Any]]:
+    published = dict(state.published())
+    return [
+        {
+            "index": index,
+            "torrent": base64.b64encode(published[index].metainfo).decode(),
+            "info_hash": published[index].info_hash,
+        }
+        for index in indices
+    ]
+
+
+def _leases(leases: list[tuple[int, Lease]], seconds: int) -> list[dict[str, Any]]:
+    return [{"index": index, "token": lease.token, "seconds": seconds} for index, lease in leases]
+
+
+def _token() -> str:
+    return secrets.token_urlsafe(24)
 
 
 async def announce(request: web.Request) -> web.Response:
@@ -277,11 +485,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _announce_url(tracker: Tracker, node: NodeId, info_hash: InfoHash, expires_at: int) -> str:
-    key = tracker.keys.sign(node, info_hash, expires_at)
-    return f"{tracker.config.public_url}/announce?{KEY_PARAM}={key}"
-
-
 def _digest(request: web.Request) -> Digest:
     try:
         return Digest.parse(request.match_info["digest"])
@@ -297,6 +500,26 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(errors.BAD_REQUEST, "body must be a JSON object")
     return body
+
+
+def _registry_and_repository(tracker: Tracker, body: dict[str, Any]) -> tuple[RegistryConfig, Repository]:
+    registry = tracker.config.registry(_string(body, "registry"))
+    if registry is None:
+        raise ApiError(errors.BAD_REQUEST, f"registry {body['registry']!r} is not served by this tracker")
+    try:
+        return registry, Repository.parse(_string(body, "repository"))
+    except ValueError as exc:
+        raise ApiError(errors.BAD_REQUEST, str(exc)) from None
+
+
+def _known(value: object) -> list[str]:
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_KNOWN
+        or not all(isinstance(v, str) and _INFO_HASH_HEX.fullmatch(v) for v in value)
+    ):
+        raise ApiError(errors.BAD_REQUEST, "known must be a list of info hashes in lowercase hex")
+    return value
 
 
 def _string(body: dict[str, Any], name: str) -> str:

@@ -1,7 +1,8 @@
-"""Where the tracker keeps swarm state: a three-method Protocol, SQLite and Redis behind it.
+"""Where the tracker keeps swarm state: a four-method Protocol, SQLite and Redis behind it.
 
-Blob states (torrents, leases, bars) are durable in both. Peers are soft state that announces
-rebuild within one interval: kept in memory beside SQLite, in Redis hashes when replicas share.
+Blob states (chunk torrents, leases, bars, active joiners) are durable in both. Peers are soft state
+that announces rebuild within one interval: kept in memory beside SQLite, in Redis hashes when
+replicas share.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ Change = Callable[[BlobState], tuple[T, BlobState]]
 
 class Store(Protocol):
     async def update_blob(self, digest: Digest, change: Change[T]) -> T:
-        """Apply `change` to the blob's state atomically, across replicas too; return its result."""
+        """Apply `change` to the blob's state atomically, across replicas too; return its result.
+        A change that returns an equal state writes nothing."""
+
+    async def blob_version(self, digest: Digest) -> int:
+        """A number that changes whenever the blob's state is written, by any replica: what a
+        long-poll reads four times a second instead of the whole state."""
 
     async def announce(
         self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, now: float
@@ -62,6 +68,9 @@ class SqliteStore:
         self._db.execute("CREATE TABLE IF NOT EXISTS blobs (digest TEXT PRIMARY KEY, state TEXT)")
         self._lock = asyncio.Lock()
         self._peers = MemoryPeers()
+        # Only this process writes the file (replicas share Redis, never SQLite), so versions
+        # counted in memory see every write.
+        self._versions: dict[Digest, int] = {}
 
     async def update_blob(self, digest: Digest, change: Change[T]) -> T:
         async with self._lock:
@@ -69,7 +78,11 @@ class SqliteStore:
             result, new = change(old)
             if new != old:
                 await asyncio.to_thread(self._write, str(digest), new.to_json())
+                self._versions[digest] = self._versions.get(digest, 0) + 1
             return result
+
+    async def blob_version(self, digest: Digest) -> int:
+        return self._versions.get(digest, 0)
 
     def _read(self, digest: str) -> str | None:
         row = self._db.execute("SELECT state FROM blobs WHERE digest = ?", (digest,)).fetchone()
@@ -91,7 +104,8 @@ class SqliteStore:
 
 
 class RedisStore:
-    """State shared by tracker replicas. Keys: `shoal:blob:<digest>`, `shoal:peers:<info-hash>`."""
+    """State shared by tracker replicas. Keys: `shoal:blob:<digest>` (JSON state),
+    `shoal:blobversion:<digest>` (counter bumped with each write), `shoal:peers:<info-hash>`."""
 
     def __init__(self, url: str):
         import redis.asyncio as redis  # optional dependency: shoal[redis]
@@ -105,14 +119,21 @@ class RedisStore:
             while True:
                 try:
                     await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    result, new = change(BlobState.from_json(raw))
+                    old = BlobState.from_json(await pipe.get(key))
+                    result, new = change(old)
+                    if new == old:
+                        await pipe.unwatch()  # type: ignore[no-untyped-call]
+                        return result
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(key, new.to_json())
+                    pipe.incr(f"shoal:blobversion:{digest}")
                     await pipe.execute()
                     return result
                 except self._watch_error:
                     continue  # another replica changed it first: decide again on its state
+
+    async def blob_version(self, digest: Digest) -> int:
+        return int(await self._redis.get(f"shoal:blobversion:{digest}") or 0)
 
     async def announce(
         self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, now: float

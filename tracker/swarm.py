@@ -1,8 +1,9 @@
-"""Pure decisions about one blob's swarm: who fetches it from the registry, who waits, who leeches.
+"""Pure decisions about one blob's swarm: which joiner fetches which chunk from the registry, what a
+node has not seen yet, and when a published chunk goes back to being fetched.
 
-`BlobState` is what the store keeps per blob; each function takes a state and returns the next one,
-so the store can apply them atomically (SQLite transaction or Redis WATCH/MULTI) and the rules are
-tested without sockets.
+A blob is a list of chunks (`common.chunks.plan`), each its own torrent. `BlobState` is what the
+store keeps per blob; each function takes a state and returns the next one, so the store applies
+them atomically (SQLite transaction or Redis WATCH/MULTI) and the rules are tested without sockets.
 """
 
 from __future__ import annotations
@@ -10,20 +11,25 @@ from __future__ import annotations
 import base64
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from typing import Any
 
+from common.chunks import Chunk, plan
 
-class Role(StrEnum):
-    LEECHER = "leecher"
-    ORIGIN = "origin"
-    WAIT = "wait"
+# A node's `sync` long-polls at most this long, then asks again.
+MAX_SYNC_WAIT = 30.0
+# A joiner counts as active (one whose want of a lease keeps others from taking a second one) this
+# long after its last join or sync: longer than one long-poll, so a node waiting in `sync` is active.
+ACTIVE_JOINER_SECONDS = MAX_SYNC_WAIT + 15
+# A joiner's last-seen time is rewritten at most this often: a long-poll re-checks the state four
+# times a second and must not write the store each time.
+SEEN_GRANULARITY = 5.0
 
 
 @dataclass(frozen=True)
 class Lease:
-    """The origin's right to publish the torrent, kept alive by reporting progress."""
+    """A node's right to publish one chunk, kept alive by reporting forward progress."""
 
     node: str
     token: str
@@ -32,23 +38,82 @@ class Lease:
 
 
 @dataclass(frozen=True)
-class BlobState:
-    size: int | None = None  # as the registry reported it when authorizing the origin
-    torrent: bytes | None = None  # published metainfo
-    info_hash: str | None = None  # hex of the truncated v2 info-hash peers announce
-    publisher: str | None = None
+class Torrent:
+    """A published chunk torrent."""
+
+    metainfo: bytes
+    info_hash: str  # hex of its truncated v2 info-hash
+    publisher: str
+    published_at: float
+
+
+@dataclass(frozen=True)
+class ChunkState:
+    torrent: Torrent | None = None
+    verified: bool = False  # its pieces root matched the registry's bytes on a report
     lease: Lease | None = None
-    barred: frozenset[str] = field(default_factory=frozenset)  # never origin again for this blob
+    barred: frozenset[str] = frozenset()  # published wrong bytes: never leased this chunk again
+
+    def free_for(self, node: str) -> bool:
+        return self.torrent is None and self.lease is None and node not in self.barred
+
+    def unpublished(self) -> ChunkState:
+        """Back to needing an origin; who is barred stays barred."""
+        return ChunkState(barred=self.barred)
+
+    def to_dict(self) -> dict[str, Any]:
+        torrent = self.torrent
+        return {
+            "torrent": base64.b64encode(torrent.metainfo).decode() if torrent else None,
+            "info_hash": torrent.info_hash if torrent else None,
+            "publisher": torrent.publisher if torrent else None,
+            "published_at": torrent.published_at if torrent else None,
+            "verified": self.verified,
+            "lease": self.lease.__dict__ if self.lease else None,
+            "barred": sorted(self.barred),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChunkState:
+        torrent = None
+        if data["torrent"] is not None:
+            metainfo = base64.b64decode(data["torrent"])
+            torrent = Torrent(metainfo, data["info_hash"], data["publisher"], data["published_at"])
+        return cls(
+            torrent=torrent,
+            verified=data["verified"],
+            lease=Lease(**data["lease"]) if data["lease"] else None,
+            barred=frozenset(data["barred"]),
+        )
+
+
+@dataclass(frozen=True)
+class BlobState:
+    size: int | None = None  # as the registry reported it when authorizing the first joiner
+    chunk_size: int | None = None  # fixed at the first join, so a config change never re-cuts a blob
+    chunks: tuple[ChunkState, ...] = ()  # by chunk index
+    joiners: Mapping[str, float] = field(default_factory=dict)  # active node -> last seen
+
+    def plan(self) -> list[Chunk]:
+        if self.size is None or self.chunk_size is None:
+            return []
+        return plan(self.size, self.chunk_size)
+
+    def leases_of(self, node: str) -> list[tuple[int, Lease]]:
+        return [
+            (i, c.lease) for i, c in enumerate(self.chunks) if c.lease is not None and c.lease.node == node
+        ]
+
+    def published(self) -> list[tuple[int, Torrent]]:
+        return [(i, c.torrent) for i, c in enumerate(self.chunks) if c.torrent is not None]
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "size": self.size,
-                "torrent": base64.b64encode(self.torrent).decode() if self.torrent else None,
-                "info_hash": self.info_hash,
-                "publisher": self.publisher,
-                "lease": self.lease.__dict__ if self.lease else None,
-                "barred": sorted(self.barred),
+                "chunk_size": self.chunk_size,
+                "chunks": [chunk.to_dict() for chunk in self.chunks],
+                "joiners": dict(self.joiners),
             }
         )
 
@@ -57,78 +122,207 @@ class BlobState:
         if not text:
             return cls()
         data = json.loads(text)
+        if "chunks" not in data:
+            # A whole-blob torrent from before chunks: no node can use it, so start the blob afresh.
+            return cls()
         return cls(
             size=data["size"],
-            torrent=base64.b64decode(data["torrent"]) if data["torrent"] else None,
-            info_hash=data["info_hash"],
-            publisher=data["publisher"],
-            lease=Lease(**data["lease"]) if data["lease"] else None,
-            barred=frozenset(data["barred"]),
+            chunk_size=data["chunk_size"],
+            chunks=tuple(ChunkState.from_dict(chunk) for chunk in data["chunks"]),
+            joiners=data["joiners"],
         )
 
 
-# A waiter asks again this often: it becomes a leecher at most this long after the origin publishes
-# (each second of delay is a second of every waiter's pull). N waiters cost N joins a second.
-WAIT_RETRY_SECONDS = 1.0
+@dataclass(frozen=True)
+class Rules:
+    lease_seconds: float  # `origin_lease`
+    chunks_in_flight: int
+    announce_interval: float
 
 
 @dataclass(frozen=True)
-class Decision:
-    role: Role
-    lease: Lease | None = None
-    retry_after: float = 0.0
-    origin_bytes: int | None = None  # wait: how far the origin has got, so waiters see progress
+class Visit:
+    """What a join or sync of one node decided."""
+
+    leases: list[tuple[int, Lease]]  # every live lease the node holds on the blob
+    granted: list[int]  # chunk indices newly leased to it in this visit
+    reset: list[int]  # published chunks unpublished because their swarm was dead
 
 
 class LeaseLost(Exception):
-    """The caller does not hold the blob's origin lease (expired, withdrawn or never held)."""
+    """The caller does not hold that chunk lease (expired, withdrawn or never held)."""
 
 
-def decide_join(
-    state: BlobState, node: str, size: int, token: str, now: float, lease_seconds: float
-) -> tuple[Decision, BlobState]:
-    """Leecher once a torrent exists; else origin unless a live lease is someone else's."""
-    if state.torrent is not None:
-        return Decision(Role.LEECHER), state
-    lease = state.lease
-    if lease is not None and lease.expires_at > now:
-        if lease.node == node:
-            return Decision(Role.ORIGIN, lease), state
-        wait = min(lease.expires_at - now, WAIT_RETRY_SECONDS)
-        return Decision(Role.WAIT, retry_after=wait, origin_bytes=lease.bytes_done), state
-    if node in state.barred:
-        return Decision(Role.WAIT, retry_after=lease_seconds), state
-    granted = Lease(node=node, token=token, expires_at=now + lease_seconds)
-    return Decision(Role.ORIGIN, granted), replace(state, size=size, lease=granted)
+def start(state: BlobState, size: int, chunk_size: int) -> BlobState:
+    """The blob's chunks, planned at its first join; later joins keep the plan."""
+    if state.size is not None:
+        return state
+    chunks = tuple(ChunkState() for _ in plan(size, chunk_size))
+    return BlobState(size=size, chunk_size=chunk_size, chunks=chunks, joiners=state.joiners)
+
+
+def visit(
+    state: BlobState,
+    node: str,
+    now: float,
+    rules: Rules,
+    swarm: SwarmView | None,
+    new_token: Callable[[], str],
+) -> tuple[Visit, BlobState]:
+    """A join or sync by `node`: drop expired leases, reset a dead swarm, note the node as active,
+    grant it leases. `swarm` is the blob's scrape; None means "not looked at" (a long-poll
+    re-check), so nothing is reset."""
+    state = _drop_expired(state, now)
+    reset: list[int] = []
+    if swarm is not None and swarm.complete + swarm.incomplete == 0:
+        reset, state = _reset_dead(state, now, rules.announce_interval)
+    state = _seen(state, node, now)
+    granted, state = _grant(state, node, now, rules, new_token)
+    return Visit(state.leases_of(node), granted, reset), state
+
+
+def _drop_expired(state: BlobState, now: float) -> BlobState:
+    """An origin killed mid-chunk loses it: the chunk is free for the next joiner."""
+    if not any(c.lease is not None and c.lease.expires_at <= now for c in state.chunks):
+        return state
+    chunks = tuple(
+        replace(c, lease=None) if c.lease is not None and c.lease.expires_at <= now else c
+        for c in state.chunks
+    )
+    return replace(state, chunks=chunks)
+
+
+def _reset_dead(state: BlobState, now: float, interval: float) -> tuple[list[int], BlobState]:
+    """No live peer at all in the blob's swarm: nobody can serve its published chunks, so they get
+    new origins instead of every joiner stalling and going to the registry on its own. A chunk
+    published within one announce interval is spared: its publisher may not have announced yet."""
+    stale = [i for i, torrent in state.published() if torrent.published_at <= now - interval]
+    if not stale:
+        return [], state
+    chunks = tuple(c.unpublished() if i in stale else c for i, c in enumerate(state.chunks))
+    return stale, replace(state, chunks=chunks)
+
+
+def _seen(state: BlobState, node: str, now: float) -> BlobState:
+    """Record `node` as active and forget joiners that are not."""
+    last = state.joiners.get(node)
+    inactive = [n for n, seen in state.joiners.items() if seen <= now - ACTIVE_JOINER_SECONDS]
+    if last is not None and last > now - SEEN_GRANULARITY and not inactive:
+        return state
+    joiners = {n: seen for n, seen in state.joiners.items() if n not in inactive}
+    joiners[node] = now if last is None or last <= now - SEEN_GRANULARITY else last
+    return replace(state, joiners=joiners)
+
+
+def _grant(
+    state: BlobState, node: str, now: float, rules: Rules, new_token: Callable[[], str]
+) -> tuple[list[int], BlobState]:
+    """Lease `node` the lowest-index free chunks while fewer than `chunks_in_flight` are leased, but
+    never a second one while another active joiner that could take a chunk has none."""
+    chunks = list(state.chunks)
+    granted: list[int] = []
+    while sum(c.lease is not None for c in chunks) < rules.chunks_in_flight:
+        free = [i for i, c in enumerate(chunks) if c.free_for(node)]
+        if not free:
+            break
+        if _holds_a_lease(chunks, node) and _another_waits(chunks, state.joiners, node, now):
+            break
+        index = free[0]
+        chunks[index] = replace(chunks[index], lease=Lease(node, new_token(), now + rules.lease_seconds))
+        granted.append(index)
+    return granted, replace(state, chunks=tuple(chunks)) if granted else state
+
+
+def _holds_a_lease(chunks: list[ChunkState], node: str) -> bool:
+    return any(c.lease is not None and c.lease.node == node for c in chunks)
+
+
+def _another_waits(chunks: list[ChunkState], joiners: Mapping[str, float], node: str, now: float) -> bool:
+    """Some other active joiner holds no lease and could take a free chunk."""
+    return any(
+        other != node
+        and seen > now - ACTIVE_JOINER_SECONDS
+        and not _holds_a_lease(chunks, other)
+        and any(c.free_for(other) for c in chunks)
+        for other, seen in joiners.items()
+    )
+
+
+def leased_chunk(state: BlobState, index: int, token: str, now: float) -> Chunk:
+    """The chunk whose live lease `token` is, or `LeaseLost`."""
+    chunks = state.plan()
+    if not 0 <= index < len(chunks):
+        raise LeaseLost(f"chunk {index} does not exist")
+    lease = state.chunks[index].lease
+    if lease is None or lease.token != token or lease.expires_at <= now:
+        raise LeaseLost(f"no live lease on chunk {index} with that token")
+    return chunks[index]
 
 
 def record_progress(
     state: BlobState, token: str, bytes_done: int, now: float, lease_seconds: float
 ) -> BlobState:
-    """Extend the lease only when the origin moved forward: a stuck origin loses it."""
-    lease = _held_lease(state, token, now)
-    if bytes_done <= lease.bytes_done:
-        return state
-    renewed = replace(lease, bytes_done=bytes_done, expires_at=now + lease_seconds)
-    return replace(state, lease=renewed)
+    """Extend the lease `token` only when its origin moved forward: a stuck origin loses it."""
+    for index, chunk in enumerate(state.chunks):
+        lease = chunk.lease
+        if lease is not None and lease.token == token and lease.expires_at > now:
+            if bytes_done <= lease.bytes_done:
+                return state
+            renewed = replace(lease, bytes_done=bytes_done, expires_at=now + lease_seconds)
+            return _with_chunk(state, index, replace(chunk, lease=renewed))
+    raise LeaseLost("no live chunk lease with that token")
 
 
-def publish(state: BlobState, token: str, torrent: bytes, info_hash: str, now: float) -> BlobState:
-    lease = _held_lease(state, token, now)
-    return replace(state, torrent=torrent, info_hash=info_hash, publisher=lease.node, lease=None)
+def publish(
+    state: BlobState, index: int, token: str, metainfo: bytes, info_hash: str, now: float
+) -> BlobState:
+    """The chunk's torrent is out; its lease is freed for the next chunk."""
+    leased_chunk(state, index, token, now)
+    chunk = state.chunks[index]
+    assert chunk.lease is not None  # leased_chunk checked it
+    torrent = Torrent(metainfo, info_hash, chunk.lease.node, now)
+    return _with_chunk(state, index, ChunkState(torrent=torrent, barred=chunk.barred))
 
 
-def withdraw(state: BlobState) -> BlobState:
-    """A published torrent whose bytes do not match the digest: drop it, bar its publisher."""
-    barred = state.barred | ({state.publisher} if state.publisher else set())
-    return BlobState(size=state.size, barred=frozenset(barred))
+def news(state: BlobState, known: Iterable[str]) -> tuple[list[int], list[str]]:
+    """What a node that has the chunk torrents `known` has not seen: published chunks it lacks, and
+    the ones it has that are no longer published (withdrawn or reset)."""
+    known = set(known)
+    published = state.published()
+    fresh = [i for i, torrent in published if torrent.info_hash not in known]
+    return fresh, sorted(known - {torrent.info_hash for _, torrent in published})
 
 
-def _held_lease(state: BlobState, token: str, now: float) -> Lease:
-    lease = state.lease
-    if lease is None or lease.token != token or lease.expires_at <= now:
-        raise LeaseLost("no live origin lease with that token")
-    return lease
+def to_verify(state: BlobState) -> list[tuple[int, Torrent]]:
+    """Published chunks a digest-mismatch report may blame: those not already checked."""
+    return [(i, c.torrent) for i, c in enumerate(state.chunks) if c.torrent is not None and not c.verified]
+
+
+def apply_verdicts(state: BlobState, verdicts: Mapping[int, tuple[str, bool]]) -> tuple[list[int], BlobState]:
+    """Chunk index -> (info hash checked, whether it matched the registry's bytes): a match marks
+    the chunk verified, a mismatch withdraws it and bars its publisher from it. A chunk published
+    anew since the check (another info hash) is left alone. Returns the withdrawn indices."""
+    withdrawn = []
+    chunks = list(state.chunks)
+    for index, (info_hash, matches) in sorted(verdicts.items()):
+        chunk = chunks[index]
+        if chunk.torrent is None or chunk.torrent.info_hash != info_hash:
+            continue
+        if matches:
+            chunks[index] = replace(chunk, verified=True)
+        else:
+            chunks[index] = ChunkState(barred=chunk.barred | {chunk.torrent.publisher})
+            withdrawn.append(index)
+    return withdrawn, replace(state, chunks=tuple(chunks))
+
+
+def next_expiry(state: BlobState) -> float | None:
+    """When the earliest lease runs out: a long-poll re-decides then, since a chunk may come free."""
+    return min((c.lease.expires_at for c in state.chunks if c.lease is not None), default=None)
+
+
+def _with_chunk(state: BlobState, index: int, chunk: ChunkState) -> BlobState:
+    return replace(state, chunks=(*state.chunks[:index], chunk, *state.chunks[index + 1 :]))
 
 
 @dataclass(frozen=True)

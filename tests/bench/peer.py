@@ -1,5 +1,7 @@
 """Peer throughput over SSL: one seeder and 1-3 leechers, on loopback and across rate-limited links.
 
+The blob is one chunk torrent, or chunk torrents of `--chunk-mib` each (all seeded by the seeder).
+
 Each peer is its own process (`tests.peer.node`). On loopback the peers use 127.0.0.x; with
 namespaces (root only) each peer gets a network namespace joined to a bridge by a veth pair
 whose both ends are limited to RATE with `tbf`, so every peer has one RATE link, as on a cluster.
@@ -7,7 +9,7 @@ Reported per run: leecher throughput (blob size over first-piece-to-finished tim
 a ratio to the link rate, and CPU seconds of all peers per GiB received. Namespaces are removed on
 exit, also after a failure or Ctrl-C.
 
-    python3 tests/bench/peer.py [--size-mib 256] [--rate-mbit 1000] [--no-netns]
+    python3 tests/bench/peer.py [--size-mib 256] [--chunk-mib 64] [--rate-mbit 1000] [--no-netns]
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ async def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--chunk-mib", type=int, default=0, help="a power of two; 0: one chunk")
     parser.add_argument("--rate-mbit", type=int, default=1000)
     parser.add_argument("--no-netns", action="store_true", help="loopback only")
     args = parser.parse_args()
@@ -161,7 +164,10 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         root = Path(tmp)
         blob = make_blob(root, args.size_mib * MiB)
-        swarms = {size: Swarm(root, blob, piece_size=size * 1024) for size in (64, 256, 1024, 4096)}
+        swarms = {
+            size: Swarm(root, blob, chunk_size=args.chunk_mib * MiB, piece_size=size * 1024)
+            for size in (64, 256, 1024, 4096)
+        }
         for peers in (2, 3, 4):
             results.append(await measure(root, swarms[256], "loopback", peers, None, None))
         if netns:
@@ -175,7 +181,10 @@ async def main() -> None:
 
 
 def print_table(results: list[Result], args: argparse.Namespace) -> None:
-    print(f"blob {args.size_mib} MiB, SSL, TCP; netns links {args.rate_mbit} Mbit/s (tbf) each way")
+    chunks = f"chunks of {args.chunk_mib} MiB" if args.chunk_mib else "one chunk"
+    print(
+        f"blob {args.size_mib} MiB ({chunks}), SSL, TCP; netns links {args.rate_mbit} Mbit/s (tbf) each way"
+    )
     print(f"{'where':<9} {'peers':>5} {'piece':>7} {'MB/s':>8} {'/link':>6} {'CPU s/GiB':>10}")
     for r in results:
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"

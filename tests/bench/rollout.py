@@ -1,16 +1,23 @@
-"""Cold rollout on the lab: N nodes pull an image of size S at once over links of rate B, through
-shoal and straight from the registry, each with caches that have never seen the image.
+"""Cold rollout on the lab: an image of size S over links of rate B, pulled by one node alone
+straight from the registry (T1, the baseline the team's target is stated against), then by all N
+nodes at once through shoal, then by all N at once straight from the registry. Each run pulls an
+image of its own (same shape, freshly pushed), so no cache anywhere has seen it.
 
 Every host's link (the registry's included) is limited to B with `tc`, so S/B is the physical
 limit of one node's pull, and of the registry sending the image once. The client is skopeo
-(`copy docker://... dir:`), as dockerd would pull: through the node's proxy, or direct. Reported,
-as a table and as JSON: per-node completion time p50/p99/max as a ratio to S/B, the registry's
-egress (its access log) as a ratio to S, shoal-node CPU seconds per node, the machine's CPU use;
-for the shoal run also when the registry finished sending (the origin phase) and how the rest was
-spent. The completion-time CDF of both runs goes to a PNG.
+(`copy docker://... oci:`), as dockerd would pull: through the node's proxy, or direct. Reported
+per run, as a markdown table (README-ready) and as JSON: per-node completion p50/p99/max as
+ratios to T1 and to S/B, the registry's egress (its access log) as a ratio to S, tracker requests
+per node, shoal-node CPU seconds per GiB pulled (mean and max over nodes), the machine's CPU busy
+(a run at >= 85 % is marked CPU-bound: its times say more about this machine than about shoal).
+For the shoal run also when the registry had sent the image once, and `overlap`: the share of
+peer bytes received before then (swarm and registry at work together, not one after the other).
+Completion-time CDFs go to `<out>.png`; the shoal run's bytes from registry and peers over time
+to `<out>-timeline.png`.
 
-    python3 tests/bench/rollout.py [--nodes 8] [--rate-mbit 200] [--size-mib 1024] [--layers 4]
-                                   [--out bench-rollout]   # bench-rollout.json, bench-rollout.png
+    python3 tests/bench/rollout.py [--nodes 8] [--rate-mbit 200] [--size-mib 1024]
+                                   [--layers 4 | --layers 1 | --layers 512MiB,256MiB,256MiB]
+                                   [--chunk-size 32MiB] [--out bench-rollout]
 
 Needs root, the lab's packages (`bash deploy/local/install.sh bench`).
 """
@@ -19,14 +26,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.config import parse_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "local"))
 
@@ -34,21 +48,26 @@ from lab.cluster import Cluster, Node
 from lab.images import PushedImage
 from lab.procstat import machine_busy_seconds
 from lab.rollout import Rollout, roll_out
+from lab.services import https_context
 
-MiB = 2**20
+MiB, GiB = 2**20, 2**30
+CPU_BOUND = 0.85  # machine CPU busy from which a run measures this machine more than shoal
+# Counter families that count something other than requests, or requests already counted once.
+NOT_REQUESTS = ("_denied_total", "_failures_total", "_withdrawn_total", "_leases_total")
 
 
 @dataclass(frozen=True)
 class RunSummary:
     name: str
     completion_seconds: list[float]  # sorted
-    p50: float  # ratios to S/B
-    p99: float
-    max: float
+    vs_t1: dict[str, float]  # p50, p99, max of the completion times as ratios to T1
+    vs_limit: dict[str, float]  # the same as ratios to S/B
     registry_egress: float  # ratio to S
-    node_cpu_seconds: float  # mean shoal-node CPU per node
+    tracker_requests_per_node: float | None  # shoal only
+    node_cpu_per_gib: float | None  # shoal-node CPU seconds per GiB it served, mean over nodes
+    node_cpu_per_gib_max: float | None
     machine_cpu_busy: float  # fraction of all cores busy during the run
-    registry_done_seconds: float | None  # shoal: when the last registry byte reached an origin
+    cpu_bound: bool
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -56,17 +75,68 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return values[max(0, math.ceil(fraction * len(values)) - 1)]
 
 
+def layer_layout(text: str, size: int) -> list[int]:
+    """`4`: four equal layers making up `size`; `1GiB` or `512MiB,256MiB,256MiB`: these sizes."""
+    if text.isdigit():
+        return [size // int(text)] * int(text)
+    return [parse_size(part) for part in text.split(",")]
+
+
+def cumulative(rollout: Rollout, source: str) -> list[tuple[float, float]]:
+    """(seconds, bytes from `source` summed over nodes) from (0, 0), at every sample (a node
+    missing from one counted at its last value), to the final counts when the last node finished."""
+    latest: dict[str, float] = {}
+    points = [(0.0, 0.0)]
+    for seconds, samples in itertools.groupby(rollout.timeline, key=lambda sample: sample.seconds):
+        latest |= {sample.node: sample.bytes[source] for sample in samples}
+        points.append((seconds, sum(latest.values())))
+    end = max(pull.seconds for pull in rollout.pulls)
+    return [*points, (end, sum(pull.bytes[source] for pull in rollout.pulls))]
+
+
 def registry_done(rollout: Rollout) -> float | None:
-    """First sample time by which the nodes' registry bytes added up to the whole image."""
-    by_time: dict[float, float] = {}
-    for sample in rollout.timeline:
-        by_time[sample.seconds] = by_time.get(sample.seconds, 0) + sample.bytes["upstream"]
-    return next((t for t, sent in sorted(by_time.items()) if sent >= rollout.image_bytes), None)
+    """When the nodes' registry bytes added up to the whole image (interpolated between samples)."""
+    points = cumulative(rollout, "upstream")
+    for (t0, b0), (t1, b1) in itertools.pairwise(points):
+        if b1 >= rollout.image_bytes:
+            return t0 + (t1 - t0) * (rollout.image_bytes - b0) / (b1 - b0)
+    return None
+
+
+def overlap(rollout: Rollout) -> float | None:
+    """Share of all peer bytes received by the time the registry had sent the image once."""
+    done, p2p = registry_done(rollout), cumulative(rollout, "p2p")
+    if done is None or p2p[-1][1] == 0:
+        return None
+    (t0, b0), (t1, b1) = next(pair for pair in itertools.pairwise(p2p) if pair[1][0] >= done)
+    received = b1 if t1 == t0 else b0 + (b1 - b0) * (done - t0) / (t1 - t0)
+    return received / p2p[-1][1]
+
+
+async def tracker_requests(cluster: Cluster) -> float:
+    """Requests the tracker has counted so far: every `shoal_tracker_*_total` sample (joins, syncs,
+    announces, progress, publishes, reports) but `NOT_REQUESTS`. By name pattern, not a fixed list,
+    since the tracker's counters are being renamed; a family it lacks simply adds nothing."""
+    context = https_context(cluster.ca_file)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{cluster.tracker_url}/metrics", ssl=context) as response,
+    ):
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("shoal_tracker_")
+        and sample.name.endswith("_total")
+        and not sample.name.endswith(NOT_REQUESTS)
+    )
 
 
 async def run(
-    cluster: Cluster, image: PushedImage, name: str, through_node: bool, limit: float
-) -> tuple[RunSummary, Rollout]:
+    cluster: Cluster, image: PushedImage, name: str, through_node: bool, nodes: Sequence[Node]
+) -> tuple[Rollout, float]:
+    """The rollout of `image` on `nodes`, and the machine's CPU busy meanwhile."""
     reference = cluster.reference(image)
 
     async def pull(node: Node) -> None:
@@ -75,41 +145,54 @@ async def run(
     def say(line: str) -> None:
         print(line, flush=True)
 
-    print(f"\n{name}: {len(cluster.nodes)} nodes pull {reference} at once", flush=True)
+    print(f"\n{name}: {len(nodes)} node(s) pull {reference} at once", flush=True)
     busy_before, started = machine_busy_seconds(), time.monotonic()
     rollout = await roll_out(
-        cluster,
-        image,
-        pull,
-        through_node=through_node,
-        progress=say if through_node else None,
-        sample_every=1,
-    )
+        cluster, image, pull, through_node=through_node, progress=say if through_node else None,
+        sample_every=1, nodes=nodes,
+    )  # fmt: skip
     busy = (machine_busy_seconds() - busy_before) / ((time.monotonic() - started) * (os.cpu_count() or 1))
+    return rollout, busy
+
+
+def summarize(
+    name: str, rollout: Rollout, busy: float, t1: float, limit: float, requests: float | None
+) -> RunSummary:
     times = sorted(p.seconds for p in rollout.pulls)
-    summary = RunSummary(
+    marks = {"p50": percentile(times, 0.5), "p99": percentile(times, 0.99), "max": times[-1]}
+    per_gib = [p.cpu_seconds / (sum(p.bytes.values()) / GiB) for p in rollout.pulls if sum(p.bytes.values())]
+    return RunSummary(
         name=name,
         completion_seconds=times,
-        p50=percentile(times, 0.5) / limit,
-        p99=percentile(times, 0.99) / limit,
-        max=times[-1] / limit,
+        vs_t1={mark: seconds / t1 for mark, seconds in marks.items()},
+        vs_limit={mark: seconds / limit for mark, seconds in marks.items()},
         registry_egress=rollout.registry_bytes / rollout.image_bytes,
-        node_cpu_seconds=sum(p.cpu_seconds for p in rollout.pulls) / len(rollout.pulls),
+        tracker_requests_per_node=None if requests is None else requests / len(rollout.pulls),
+        node_cpu_per_gib=statistics.mean(per_gib) if per_gib else None,
+        node_cpu_per_gib_max=max(per_gib) if per_gib else None,
         machine_cpu_busy=busy,
-        registry_done_seconds=registry_done(rollout) if through_node else None,
+        cpu_bound=busy >= CPU_BOUND,
     )
-    return summary, rollout
 
 
-def table(summaries: Sequence[RunSummary], limit: float) -> str:
-    header = f"{'run':<8} {'p50':>6} {'p99':>6} {'max':>6} {'egress/S':>9} {'node CPU':>9} {'CPU busy':>9}"
-    lines = [f"(times as a ratio to S/B = {limit:.1f} s; egress as a ratio to S)", header]
-    for s in summaries:
-        lines.append(
-            f"{s.name:<8} {s.p50:6.2f} {s.p99:6.2f} {s.max:6.2f} {s.registry_egress:9.2f}"
-            f" {s.node_cpu_seconds:8.1f}s {s.machine_cpu_busy:9.0%}"
-        )
-    return "\n".join(lines)
+MARKDOWN_HEADER = (
+    "| run | N | S | layers | B | chunk | p50/T1 | p99/T1 | max/T1 | p50/(S/B) | p99/(S/B) | max/(S/B)"
+    " | egress/S | tracker req/node | node CPU s/GiB mean, max | CPU busy |"
+)
+
+
+def markdown_row(s: RunSummary, setup: Sequence[str]) -> str:
+    def number(value: float | None, spec: str = ".2f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    cpu = f"{number(s.node_cpu_per_gib, '.1f')}, {number(s.node_cpu_per_gib_max, '.1f')}"
+    busy = f"{s.machine_cpu_busy:.0%}" + (" CPU-bound" if s.cpu_bound else "")
+    cells = [
+        s.name, str(len(s.completion_seconds)), *setup, *(number(s.vs_t1[m]) for m in ("p50", "p99", "max")),
+        *(number(s.vs_limit[m]) for m in ("p50", "p99", "max")), number(s.registry_egress),
+        number(s.tracker_requests_per_node, ".0f"), "-" if s.node_cpu_per_gib is None else cpu, busy,
+    ]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
 
 
 def draw_cdf(summaries: Sequence[RunSummary], limit: float, path: Path, title: str) -> None:
@@ -126,45 +209,92 @@ def draw_cdf(summaries: Sequence[RunSummary], limit: float, path: Path, title: s
     axes.axvline(1.0, color="grey", linestyle="--", label="physical limit S/B")
     axes.set_xlabel("node completion time / (S/B)")
     axes.set_ylabel("fraction of nodes done")
-    axes.set_title(title)
+    axes.set_title(title, fontsize=9)
     axes.set_xlim(left=0)
     axes.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
 
+def draw_timeline(rollout: Rollout, path: Path, title: str) -> None:
+    """Bytes from the registry and from peers, summed over nodes, in multiples of S: whether the
+    swarm's bytes flow while the registry's still do, or only after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for source, label in (("upstream", "from the registry"), ("p2p", "from peers")):
+        points = cumulative(rollout, source)
+        axes.plot([t for t, _ in points], [b / rollout.image_bytes for _, b in points], label=label)
+    done = registry_done(rollout)
+    if done is not None:
+        axes.axvline(done, color="grey", linestyle="--", label="registry has sent S once")
+    axes.set_xlabel("seconds since the pulls started")
+    axes.set_ylabel("bytes received, summed over nodes / S")
+    axes.set_title(f"shoal: {title}", fontsize=9)
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
 async def main(args: argparse.Namespace) -> None:
-    size = args.size_mib * MiB
-    layer_sizes = [size // args.layers] * args.layers
+    layer_sizes = layer_layout(args.layers, args.size_mib * MiB)
+    size = sum(layer_sizes)
     limit = size * 8 / (args.rate_mbit * 1e6)  # S/B, seconds
+    tracker_options = {"chunk_size": args.chunk_size} if args.chunk_size else {}  # main's tracker lacks it
     started = time.monotonic()
-    lab = Cluster(args.nodes, rate=f"{args.rate_mbit}mbit", workdir=args.workdir, startup_timeout=120)
+    lab = Cluster(
+        args.nodes, rate=f"{args.rate_mbit}mbit", workdir=args.workdir, startup_timeout=120,
+        tracker_options=tracker_options,
+    )  # fmt: skip
     async with lab as cluster:
         print(
-            f"lab of {args.nodes} nodes up in {time.monotonic() - started:.0f} s; pushing two images",
+            f"lab of {args.nodes} nodes up in {time.monotonic() - started:.0f} s; pushing three images",
             flush=True,
         )
-        # Two images of the same shape: neither run finds anything of its image cached anywhere.
-        images = [await cluster.push_image(f"bench/{name}", layer_sizes) for name in ("shoal", "direct")]
-        shoal, shoal_rollout = await run(cluster, images[0], "shoal", True, limit)
-        direct, _ = await run(cluster, images[1], "direct", False, limit)
-    summaries = [shoal, direct]
-    title = f"{args.nodes} nodes, {args.size_mib} MiB in {args.layers} layers, {args.rate_mbit} Mbit/s links"
-    print(f"\n{title}\n{table(summaries, limit)}")
-    if shoal.registry_done_seconds is not None:
+        images = {
+            name: await cluster.push_image(f"bench/{name}", layer_sizes) for name in ("t1", "shoal", "direct")
+        }
+        t1_rollout, t1_busy = await run(cluster, images["t1"], "T1", False, cluster.nodes[:1])
+        t1 = t1_rollout.pulls[0].seconds
+        requests_before = await tracker_requests(cluster)
+        shoal_rollout, shoal_busy = await run(cluster, images["shoal"], "shoal", True, cluster.nodes)
+        requests = await tracker_requests(cluster) - requests_before
+        direct_rollout, direct_busy = await run(cluster, images["direct"], "direct", False, cluster.nodes)
+    summaries = [
+        summarize("T1", t1_rollout, t1_busy, t1, limit, None),
+        summarize("shoal", shoal_rollout, shoal_busy, t1, limit, requests),
+        summarize("direct", direct_rollout, direct_busy, t1, limit, None),
+    ]
+    layout = f"{len(layer_sizes)} layer(s) of {', '.join(f'{s / MiB:g}' for s in layer_sizes)} MiB"
+    chunk = args.chunk_size or "default"
+    title = (
+        f"{args.nodes} nodes, {size / MiB:g} MiB in {layout}, {args.rate_mbit} Mbit/s links, chunk {chunk}"
+    )
+    setup = [f"{size / MiB:g} MiB", str(len(layer_sizes)), f"{args.rate_mbit} Mbit/s", chunk]
+    done, shared = registry_done(shoal_rollout), overlap(shoal_rollout)
+    print(f"\n{title}\nT1 = {t1:.1f} s; S/B = {limit:.1f} s; egress as a ratio to S\n")
+    print("\n".join([MARKDOWN_HEADER, "|---" * MARKDOWN_HEADER.count(" | ") + "|---|"]))
+    print("\n".join(markdown_row(s, setup) for s in summaries))
+    if done is not None and shared is not None:
         print(
-            f"shoal: the registry had sent the image once after {shoal.registry_done_seconds:.0f} s"
-            f" ({shoal.registry_done_seconds / limit:.2f} x S/B); the swarm did the rest"
+            f"\nshoal: the registry had sent the image once after {done:.0f} s ({done / limit:.2f} x S/B);"
+            f" overlap = {shared:.2f} (the share of peer bytes received by then)"
         )
     out = Path(args.out)
     report = {
-        "nodes": args.nodes, "rate_mbit": args.rate_mbit, "size_bytes": size, "layers": args.layers,
-        "limit_seconds": limit, "runs": [asdict(s) for s in summaries],
+        "nodes": args.nodes, "rate_mbit": args.rate_mbit, "size_bytes": size, "layer_bytes": layer_sizes,
+        "chunk_size": args.chunk_size, "limit_seconds": limit, "t1_seconds": t1,
+        "registry_done_seconds": done, "overlap": shared, "runs": [asdict(s) for s in summaries],
         "shoal_timeline": [asdict(sample) for sample in shoal_rollout.timeline],
     }  # fmt: skip
+    timeline_png = out.with_name(f"{out.name}-timeline.png")
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     draw_cdf(summaries, limit, out.with_suffix(".png"), title)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    draw_timeline(shoal_rollout, timeline_png, title)
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.png')} and {timeline_png}")
 
 
 if __name__ == "__main__":
@@ -173,8 +303,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--rate-mbit", type=int, default=200)
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--size-mib", type=int, default=1024, help="S, unless --layers gives sizes")
+    parser.add_argument(
+        "--layers", "--image-layers", default="4",
+        help="a count of equal layers making up S (4; 1 for one layer), or sizes: 512MiB,256MiB,256MiB",
+    )  # fmt: skip
+    parser.add_argument("--chunk-size", help="the tracker's chunk_size, e.g. 32MiB (default: its own)")
     parser.add_argument("--workdir", type=Path, help="keep the lab's logs here (default: removed)")
-    parser.add_argument("--out", default="bench-rollout", help="path of the JSON and PNG, without suffix")
+    parser.add_argument("--out", default="bench-rollout", help="path of the JSON and PNGs, without suffix")
     asyncio.run(main(parser.parse_args()))

@@ -18,7 +18,6 @@ import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,18 +29,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from lab.cluster import READER, TEAM_A, Cluster, Node
 from lab.images import PushedImage
+from lab.rollout import roll_out
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 NODES = 3
 RATE = "100mbit"  # 12.5 MB/s per link, the registry's included: a 40 MB image takes seconds
+CHUNK_SIZE = 4 * 2**20  # the layers here are 2-48 MB: most are several chunks
 SOURCES = ("p2p", "upstream", "cache")
 OCI_ERROR_CODES = {"BLOB_UNKNOWN", "UNAUTHORIZED", "DENIED", "NAME_UNKNOWN"}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster() -> AsyncIterator[Cluster]:
-    async with Cluster(nodes=NODES, rate=RATE) as running:
+    async with Cluster(nodes=NODES, rate=RATE, tracker_options={"chunk_size": CHUNK_SIZE}) as running:
         yield running
 
 
@@ -93,45 +94,64 @@ async def assert_has_image(node: Node, cluster: Cluster, image: PushedImage) -> 
     assert await node.image_id(cluster.reference(image)) == image.config_digest, node.name
 
 
-def sha256_file(path: Path) -> str:
+def cached_digests(node: Node) -> set[str]:
+    """Blobs the node's cache holds as complete (its markers), as torrent names."""
+    return {f"sha256-{path.name}" for path in (node.cache_dir / "blobs" / "sha256").iterdir()}
+
+
+def sha256_cached(node: Node, name: str) -> str:
+    """The SHA-256 of a cached blob, read the way it is served: its chunk files in order."""
+    hex_digest = name.removeprefix("sha256-")
+    chunks = sorted((node.cache_dir / "chunks" / hex_digest).iterdir(), key=lambda p: int(p.name))
     digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(2**20):
-            digest.update(chunk)
+    for path in chunks:
+        with path.open("rb") as file:
+            while block := file.read(2**20):
+                digest.update(block)
     return digest.hexdigest()
 
 
 async def assert_cache_sound(node: Node, image: PushedImage | None = None) -> None:
-    """Every blob in the node's cache hashes to its name and is a complete torrent seeding without
-    a failed piece in /status; no torrent there has a failed piece. With `image`: its layers are
-    cached. (Other torrents may still be downloading: the cluster is shared by the module, and a
-    torrent whose client left goes on without it.)"""
-    blobs = node.cache_dir / "blobs" / "sha256"
-
-    def cached() -> set[str]:
-        return {f"sha256-{path.name}" for path in blobs.iterdir()}
+    """Every blob in the node's cache hashes to its name, and each of its chunk torrents in
+    /status seeds without a failed piece; no torrent there has a failed piece. With `image`: its
+    layers are cached. (Other torrents may still be downloading: the cluster is shared by the
+    module, and a torrent whose client left goes on without it.)"""
 
     def seeding(status: Any) -> set[str]:
-        return {blob.get("name", "") for blob in status["blobs"] if blob["state"] == "seeding"}
+        return {b.get("name", "") for b in status["blobs"] if b.get("state") == "seeding"}
+
+    def unfinished(status: Any) -> set[str]:
+        return {b.get("name", "") for b in status["blobs"] if "name" in b and b.get("state") != "seeding"}
 
     async def settled() -> bool:
         """A leecher commits a blob to the cache just after it streamed the last byte to dockerd."""
-        return cached() <= seeding(await node.status())
+        status = await node.status()
+        return cached_digests(node) <= seeding(status) - unfinished(status)
 
     with contextlib.suppress(TimeoutError):
         await wait_until(f"{node.name} settles", settled, timeout=20)
-    for path in blobs.iterdir():
-        assert await asyncio.to_thread(sha256_file, path) == path.name, f"{node.name}: corrupt {path}"
+    for name in cached_digests(node):
+        assert await asyncio.to_thread(sha256_cached, node, name) == name.removeprefix("sha256-"), (
+            f"{node.name}: corrupt {name}"
+        )
     status = await node.status()
     assert status["state"] == "serving", status
-    assert cached() <= seeding(status), (status, node.log()[-4000:])
+    assert cached_digests(node) <= seeding(status) - unfinished(status), (status, node.log()[-4000:])
     for blob in status["blobs"]:
         assert blob.get("failed", 0) == 0, status
-        if blob.get("name") in cached():
-            assert (blob["state"], blob["progress"]) == ("seeding", 1.0), status
     if image is not None:
-        missing = {d for d in image.layer_digests if not (blobs / d.removeprefix("sha256:")).is_file()}
+        missing = {
+            d
+            for d in image.layer_digests
+            if f"sha256-{d.removeprefix('sha256:')}" not in cached_digests(node)
+        }
         assert not missing, f"{node.name} did not cache {missing}:\n{node.log()[-6000:]}"
+
+
+async def assert_sent_once(cluster: Cluster, image: PushedImage) -> None:
+    """The registry sent each layer's bytes once in all (in chunks, to whichever nodes fetched them)."""
+    for digest, size in zip(image.layer_digests, layer_sizes(image), strict=True):
+        assert await cluster.registry.blob_bytes_sent(digest) == size, diagnostics(cluster)
 
 
 @contextlib.asynccontextmanager
@@ -265,6 +285,29 @@ def oci_error(result: dict[str, Any]) -> dict[str, Any]:
 # the cases
 
 
+async def test_peers_trade_a_layer_while_its_origins_still_fetch_it(cluster: Cluster) -> None:
+    """One 48 MB layer of 12 chunks, all three nodes at once: the chunks are fetched from the
+    registry by different nodes, and nodes take chunks from each other before the registry has
+    sent the whole layer (read from the nodes' counters sampled during the pull)."""
+    image = await cluster.push_image("rollout/pipelined", [48_000_000])
+    (layer,) = image.layer_digests
+    size = sum(layer_sizes(image))
+    reference = cluster.reference(image)
+    rollout = await roll_out(cluster, image, lambda node: node.pull(reference), sample_every=0.25)
+    for node in cluster.nodes:
+        await assert_has_image(node, cluster, image)
+    await assert_sent_once(cluster, image)
+    origins = {event["node"] for event in cluster.tracker_events("lease", digest=layer)}
+    assert len(origins) >= 2, (origins, diagnostics(cluster))
+    by_time: dict[float, dict[str, float]] = {}
+    for sample in rollout.timeline:
+        totals = by_time.setdefault(sample.seconds, dict.fromkeys(SOURCES, 0.0))
+        for source in SOURCES:
+            totals[source] += sample.bytes[source]
+    overlapping = [t for t, sent in sorted(by_time.items()) if sent["p2p"] > 0 and sent["upstream"] < size]
+    assert overlapping, (sorted(by_time.items()), diagnostics(cluster))
+
+
 async def test_three_nodes_pull_at_once_and_share_every_layer(cluster: Cluster) -> None:
     image = await cluster.push_image("rollout/all-at-once", [8_000_000, 6_000_000, 4_000_000])
     reference = cluster.reference(image)
@@ -272,8 +315,7 @@ async def test_three_nodes_pull_at_once_and_share_every_layer(cluster: Cluster) 
     await asyncio.gather(*(node.pull(reference) for node in cluster.nodes))
     for node in cluster.nodes:
         await assert_has_image(node, cluster, image)
-    for digest in image.layer_digests:
-        assert await cluster.registry.blob_get_count(digest) == 1, diagnostics(cluster)
+    await assert_sent_once(cluster, image)
     moved = [delta(a, b) for a, b in zip(await counters(cluster.nodes), before, strict=True)]
     layer_bytes = sum(layer_sizes(image))
     # The registry sent each layer to one node; the other N-1 copies should come from peers.
@@ -314,8 +356,7 @@ async def test_node_without_credential_gets_the_registrys_error_and_no_swarm(clu
 
     assert tracker_joins(cluster, stranger.name, image.layer_digests) == [], diagnostics(cluster)
     assert delta(await stranger.blob_bytes(), before) == dict.fromkeys(SOURCES, 0)
-    for digest in image.layer_digests:
-        assert await cluster.registry.blob_get_count(digest) == 1  # the owner's fetch, nobody else's
+    await assert_sent_once(cluster, image)  # the owner's fetch, nobody else's
 
 
 async def test_credential_for_one_repository_opens_no_blob_of_another(cluster: Cluster) -> None:
@@ -344,7 +385,7 @@ async def test_credential_for_one_repository_opens_no_blob_of_another(cluster: C
 
     assert tracker_joins(cluster, asker.name, [secret]) == [], diagnostics(cluster)
     assert delta(await asker.blob_bytes(), before) == dict.fromkeys(SOURCES, 0)
-    assert await cluster.registry.blob_get_count(secret) == 1  # the seeder's fetch only
+    assert await cluster.registry.blob_bytes_sent(secret) == layer_sizes(team_b)[0]  # the seeder's fetch only
 
 
 async def test_tracker_killed_mid_rollout_every_pull_still_succeeds(cluster: Cluster) -> None:

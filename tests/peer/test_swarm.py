@@ -27,6 +27,14 @@ async def swarm(tmp_path: Path, big_blob: Blob) -> AsyncIterator[Swarm]:
     await swarm.close()
 
 
+@pytest_asyncio.fixture
+async def chunked(tmp_path: Path, big_blob: Blob) -> AsyncIterator[Swarm]:
+    """The same blob as four chunk torrents."""
+    swarm = Swarm(tmp_path, big_blob, chunk_size=16 * MiB)
+    yield swarm
+    await swarm.close()
+
+
 @pytest.mark.parametrize("peers", [2, 4])
 async def test_peers_move_a_blob(swarm: Swarm, peers: int) -> None:
     nodes = [await swarm.start(swarm.job("seeder", "127.0.0.2", "seed"))]
@@ -37,20 +45,39 @@ async def test_peers_move_a_blob(swarm: Swarm, peers: int) -> None:
         nodes.append(await swarm.start(job))
     for leecher in nodes[1:]:
         await leecher.event("complete")
-        assert hashlib.sha256(leecher.cached().read_bytes()).hexdigest() == swarm.blob.digest.hex
+        assert hashlib.sha256(leecher.cached()).hexdigest() == swarm.blob.digest.hex
+
+
+async def test_chunks_seeded_by_different_peers_make_the_blob(chunked: Swarm) -> None:
+    """Each chunk has its own seeder, none of which has the blob; one certificate for the blob
+    opens every chunk torrent of the leecher, which dials every seeder on every chunk."""
+    seeders = []
+    for index in range(len(chunked.chunks)):
+        job = chunked.job(f"seeder{index}", f"127.0.0.{index + 2}", "seed", chunks=[index])
+        seeders.append(await chunked.start(job))
+    leecher = await chunked.start(
+        chunked.job("leecher", "127.0.0.9", "fetch", connect=[seeder.address for seeder in seeders])
+    )
+    await leecher.event("complete")
+    assert leecher.cached() == chunked.blob.data
+    for seeder in seeders:  # each sent its own chunk
+        assert await seeder.reaches("uploaded", chunked.chunk_size)
 
 
 @pytest.mark.parametrize("wrong", ["other_ca", "other_blob"])
 async def test_a_peer_with_the_wrong_certificate_gets_no_data(
-    swarm: Swarm, wrong: str, tmp_path: Path
+    chunked: Swarm, wrong: str, tmp_path: Path
 ) -> None:
+    """Neither another cluster's certificate nor one for another blob opens any chunk torrent."""
     if wrong == "other_ca":
-        creds = swarm.credentials("intruder", ca=new_ca("another cluster"))
+        creds = chunked.credentials("intruder", ca=new_ca("another cluster"))
     else:
-        creds = swarm.credentials("intruder", digest=make_blob(tmp_path, 1000, seed=7).digest)
-    seeder = await swarm.start(swarm.job("seeder", "127.0.0.2", "seed", upload_rate_limit=16 * MiB))
-    intruder = await swarm.start(swarm.job("intruder", "127.0.0.3", "fetch", creds, connect=[seeder.address]))
-    honest = await swarm.start(swarm.job("honest", "127.0.0.4", "fetch", connect=[seeder.address]))
+        creds = chunked.credentials("intruder", digest=make_blob(tmp_path, 1000, seed=7).digest)
+    seeder = await chunked.start(chunked.job("seeder", "127.0.0.2", "seed", upload_rate_limit=16 * MiB))
+    intruder = await chunked.start(
+        chunked.job("intruder", "127.0.0.3", "fetch", creds, connect=[seeder.address])
+    )
+    honest = await chunked.start(chunked.job("honest", "127.0.0.4", "fetch", connect=[seeder.address]))
     progress = await intruder.last_progress(4.0)
     assert progress["downloaded"] == 0 and progress["peers"] == 0
     honest_progress = await honest.last_progress(0.6)
@@ -64,15 +91,16 @@ async def test_altered_seeder_is_outvoted_by_honest_ones(swarm: Swarm) -> None:
         pass  # the liar's pieces fail verification
     # The honest seeder comes once the liar is known bad: libtorrent blames every peer that sent
     # blocks of a failed piece, so a piece mixed from both can get an honest peer banned too.
-    await swarm.start(swarm.job("honest", "127.0.0.3", "seed", connect=[leecher.address]))
+    honest = await swarm.start(swarm.job("honest", "127.0.0.3", "seed"))
+    await leecher.dial(honest.address)  # seeders dial nobody: leechers find them
     await leecher.event("complete")
-    assert hashlib.sha256(leecher.cached().read_bytes()).hexdigest() == swarm.blob.digest.hex
+    assert hashlib.sha256(leecher.cached()).hexdigest() == swarm.blob.digest.hex
 
 
-async def test_killed_download_leaves_no_partial_blob_after_restart(swarm: Swarm) -> None:
-    seeder = await swarm.start(swarm.job("seeder", "127.0.0.2", "seed", upload_rate_limit=16 * MiB))
-    job = swarm.job("victim", "127.0.0.3", "fetch", connect=[seeder.address])
-    victim = await swarm.start(job)
+async def test_killed_download_leaves_no_partial_blob_after_restart(chunked: Swarm) -> None:
+    seeder = await chunked.start(chunked.job("seeder", "127.0.0.2", "seed", upload_rate_limit=16 * MiB))
+    job = chunked.job("victim", "127.0.0.3", "fetch", connect=[seeder.address])
+    victim = await chunked.start(job)
     cache = Path(job.cache_dir)
     progress = await victim.last_progress(0.6)
     while progress["progress"] < 0.4:  # past libtorrent's 16 MiB write queue: bytes are on disk
@@ -80,21 +108,21 @@ async def test_killed_download_leaves_no_partial_blob_after_restart(swarm: Swarm
     victim.kill()
     await victim.proc.wait()
     assert progress["progress"] < 1
-    assert any((cache / "partial").iterdir())
+    assert any((cache / "chunks" / chunked.blob.digest.hex).iterdir())
     async with Peer(PeerConfig(cache_dir=cache, peer_listen="127.0.0.3:0")) as peer:
-        assert peer.get(swarm.blob.digest) is None
-        assert swarm.blob.digest not in peer.cache
-        assert not any((cache / "partial").iterdir())
+        assert peer.get(chunked.blob.digest) is None
+        assert chunked.blob.digest not in peer.cache
+        assert not any((cache / "chunks").iterdir())
         assert not any((cache / "torrents").iterdir())
 
 
-async def test_cached_blob_is_seeded_again_after_a_restart(swarm: Swarm) -> None:
-    seeder = await swarm.start(swarm.job("seeder", "127.0.0.2", "seed"))
-    first = await swarm.start(swarm.job("first", "127.0.0.3", "fetch", connect=[seeder.address]))
+async def test_cached_blob_is_seeded_again_after_a_restart(chunked: Swarm) -> None:
+    seeder = await chunked.start(chunked.job("seeder", "127.0.0.2", "seed"))
+    first = await chunked.start(chunked.job("first", "127.0.0.3", "fetch", connect=[seeder.address]))
     await first.event("complete")
     await first.stop()
     await seeder.stop()
-    again = await swarm.start(swarm.job("first", "127.0.0.3", "restart"))
-    second = await swarm.start(swarm.job("second", "127.0.0.4", "fetch", connect=[again.address]))
+    again = await chunked.start(chunked.job("first", "127.0.0.3", "restart"))
+    second = await chunked.start(chunked.job("second", "127.0.0.4", "fetch", connect=[again.address]))
     await second.event("complete")
-    assert hashlib.sha256(second.cached().read_bytes()).hexdigest() == swarm.blob.digest.hex
+    assert second.cached() == chunked.blob.data

@@ -15,13 +15,20 @@ import pytest
 from lab.images import PushedImage, push_image
 from lab.pki import new_lab_ca
 from lab.registry import Registry
-from lab.services import free_port
+from lab.services import free_port, log_events
 
+from common.certs import key_pem, make_csr, new_key
+from common.ids import Digest, NodeId, Repository
+from peer.cache import Credentials
+from peer.config import PeerConfig
+from peer.engine import Peer
 from tests.proxy.harness import RunningNode, node_config, registry_entry, run_node
 from tests.tracker.harness import RunningTracker, run_tracker, tracker_config
 
 REPO = "team/app"
 LAYER = hashlib.sha256(b"seed").digest() * (3 * 2**20 // 32)  # 3 MiB: over p2p_min_bytes
+CHUNK_SIZE = 2**20
+CHUNKS = 3  # of LAYER
 
 
 def tracker_entry(registry: Registry) -> dict[str, Any]:
@@ -67,7 +74,7 @@ async def pull_blob(node: RunningNode, registry: Registry, digest: str, token: s
 async def lab(registry: Registry, work: Path) -> AsyncIterator[tuple[RunningTracker, PushedImage, str]]:
     image = await push_image(registry, REPO, [LAYER])
     tls_ca = new_lab_ca()
-    config = tracker_config(work, tls_ca, [tracker_entry(registry)], origin_lease=5)
+    config = tracker_config(work, tls_ca, [tracker_entry(registry)], origin_lease=5, chunk_size=CHUNK_SIZE)
     async with run_tracker(work, tls_ca, config) as tracker:
         yield tracker, image, registry.issuer.token({REPO: ["pull"]})
 
@@ -81,18 +88,15 @@ async def test_second_node_gets_the_layer_from_the_first(registry: Registry, tmp
         ):
             assert await pull_blob(first, registry, digest, token) == LAYER
             assert await first.metric("shoal_blob_bytes_total", source="upstream") == len(LAYER)
-            await wait_seeding(first)
+            await wait_seeding(first, CHUNKS)
             assert await pull_blob(second, registry, digest, token) == LAYER
             assert await second.metric("shoal_blob_bytes_total", source="p2p") == len(LAYER)
             assert await second.metric("shoal_blob_bytes_total", source="upstream") == 0
             assert await pull_blob(second, registry, digest, token) == LAYER  # now from its cache
             assert await second.metric("shoal_blob_bytes_total", source="cache") == len(LAYER)
-            async with aiohttp.ClientSession() as session, session.get(f"{second.admin_url}/status") as resp:
-                blobs = (await resp.json())["blobs"]
-            (torrent,) = blobs
-            assert torrent["name"] == "sha256-" + digest.removeprefix("sha256:")
-            assert torrent["progress"] == 1.0
-        assert await registry.blob_get_count(digest) == 1
+            await wait_seeding(second, CHUNKS)  # one torrent per chunk, all named for the blob
+            assert set(await seeding(second)) == {"sha256-" + digest.removeprefix("sha256:")}
+        assert await registry.blob_bytes_sent(digest) == len(LAYER)
 
 
 async def wait_seeding(node: RunningNode, count: int = 1, timeout: float = 10) -> None:
@@ -117,7 +121,7 @@ async def test_concurrent_pulls_on_one_node_fetch_once(registry: Registry, tmp_p
         async with swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "node-a") as node:
             bodies = await asyncio.gather(*(pull_blob(node, registry, digest, token) for _ in range(10)))
             assert all(body == LAYER for body in bodies)
-        assert await registry.blob_get_count(digest) == 1
+        assert await registry.blob_bytes_sent(digest) == len(LAYER)
 
 
 async def test_tracker_down_pull_still_succeeds(registry: Registry, tmp_path: Path) -> None:
@@ -168,7 +172,7 @@ async def test_seeder_killed_mid_transfer_pull_still_succeeds(registry: Registry
     digest = image.layer_digests[0]
     token = registry.issuer.token({REPO: ["pull"]})
     tls_ca = new_lab_ca()
-    config = tracker_config(tmp_path, tls_ca, [tracker_entry(registry)])
+    config = tracker_config(tmp_path, tls_ca, [tracker_entry(registry)], chunk_size=CHUNK_SIZE)
     async with (
         run_tracker(tmp_path, tls_ca, config) as tracker,
         swarm_node(
@@ -177,7 +181,7 @@ async def test_seeder_killed_mid_transfer_pull_still_succeeds(registry: Registry
         swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "leecher") as leecher,
     ):
         assert await pull_blob(seeder, registry, digest, token) == big
-        await wait_seeding(seeder)
+        await wait_seeding(seeder, 8)
         pull = asyncio.ensure_future(pull_blob(leecher, registry, digest, token))
         while await leecher.metric("shoal_blob_bytes_total", source="p2p") == 0:
             await asyncio.sleep(0.2)
@@ -186,3 +190,89 @@ async def test_seeder_killed_mid_transfer_pull_still_succeeds(registry: Registry
         from_peers = await leecher.metric("shoal_blob_bytes_total", source="p2p")
         from_registry = await leecher.metric("shoal_blob_bytes_total", source="upstream")
         assert 0 < from_peers < len(big) and from_peers + from_registry == len(big)
+
+
+@contextlib.asynccontextmanager
+async def liar(
+    tracker: RunningTracker, registry: Registry, digest: str, token: str, tmp_path: Path
+) -> AsyncIterator[int]:
+    """A cluster member with a valid credential that takes the first chunk's lease, publishes a
+    torrent of other bytes of the right length for it, and seeds that from a peer of its own;
+    it never fetches anything from the registry. Yields the index of the chunk it lied about."""
+    blob = Digest.parse(digest)
+    key = new_key()
+    async with tracker.client() as (client, _):
+        swarm = await client.join(
+            blob,
+            registry.host,
+            Repository.parse(REPO),
+            NodeId.parse("liar"),
+            make_csr(key),
+            f"Bearer {token}",
+        )
+        lease = min(swarm.leases, key=lambda lease: lease.index)
+        config = PeerConfig(cache_dir=tmp_path / "liar", peer_listen="127.0.0.1:0")
+        async with Peer(config) as peer:
+            credentials = Credentials(swarm.cert.encode(), key_pem(key), swarm.announce)
+            chunked = await peer.open(blob, swarm.size, swarm.chunk_size, credentials)
+            chunk = chunked.chunks[lease.index]
+            chunked.chunk_file(lease.index).write_bytes(b"\xff" * chunk.length)
+            metainfo = await chunked.make_metainfo(lease.index, swarm.ca.encode())
+            await client.publish_chunk(blob, lease.index, lease.token, metainfo)
+            await chunked.seed(lease.index, metainfo)
+            await client.announce(swarm.announce, blob.swarm_id, peer.port, left=swarm.size - chunk.length)
+            yield lease.index
+
+
+async def test_a_chunk_of_wrong_bytes_is_withdrawn_and_a_retry_gets_the_right_ones(
+    registry: Registry, tmp_path: Path
+) -> None:
+    image = await push_image(registry, REPO, [LAYER])
+    digest = image.layer_digests[0]
+    token = registry.issuer.token({REPO: ["pull"]})
+    tls_ca = new_lab_ca()
+    config = tracker_config(
+        tmp_path, tls_ca, [tracker_entry(registry)], origin_lease=3, chunk_size=CHUNK_SIZE
+    )
+    async with (
+        run_tracker(tmp_path, tls_ca, config) as tracker,
+        liar(tracker, registry, digest, token, tmp_path) as lied_about,
+        swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "honest") as honest,
+    ):
+        # The bytes of the liar's chunk pass every piece check (its torrent describes them), so
+        # only the whole digest shows them wrong: the first response is cut before its end.
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await pull_blob(honest, registry, digest, token)
+        assert await pull_blob(honest, registry, digest, token) == LAYER
+        withdrawn = events(tracker, "withdrawn")
+        assert [(e["node"], e["chunk"]) for e in withdrawn] == [("liar", lied_about)], tracker.log()[-4000:]
+
+
+async def test_a_report_against_good_chunks_changes_nothing(registry: Registry, tmp_path: Path) -> None:
+    async with lab(registry, tmp_path) as (tracker, image, token):
+        digest = image.layer_digests[0]
+        async with swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "node-a") as node:
+            assert await pull_blob(node, registry, digest, token) == LAYER
+            await wait_seeding(node, CHUNKS)
+            blob = Digest.parse(digest)
+            async with tracker.client() as (client, _):
+                swarm = await client.join(
+                    blob, registry.host, Repository.parse(REPO), NodeId.parse("accuser"),
+                    make_csr(new_key()), f"Bearer {token}",
+                )  # fmt: skip
+                withdrawn = await client.report(
+                    blob,
+                    "digest_mismatch",
+                    swarm.key,
+                    registry.host,
+                    Repository.parse(REPO),
+                    f"Bearer {token}",
+                )
+                assert withdrawn == []
+                still = await client.sync(blob, swarm.key, [], 0)
+            assert sorted(chunk.index for chunk in still.chunks) == list(range(CHUNKS))
+            assert events(tracker, "withdrawn") == []
+
+
+def events(tracker: RunningTracker, event: str) -> list[dict[str, Any]]:
+    return log_events(tracker.log(), event)

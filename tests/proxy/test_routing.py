@@ -7,7 +7,7 @@ import pytest
 from common.config import load_config
 from common.ids import Digest, Repository
 from proxy.config import NodeConfig
-from proxy.p2p import WaitProgress, parse_range
+from proxy.p2p import parse_range
 from proxy.routing import (
     Action,
     BadRequest,
@@ -183,17 +183,6 @@ def test_origin_of(url: str, origin: str) -> None:
 def test_certs_dir_names() -> None:
     assert certs_dir_names("registry.example:5000") == ["registry.example:5000"]
     assert certs_dir_names("registry.example:443") == ["registry.example:443", "registry.example"]
-
-
-def test_waiting_gives_up_when_the_origin_stops_moving() -> None:
-    progress = WaitProgress(stall_timeout=10)
-    assert not progress.stalled(0, now=0)
-    assert not progress.stalled(100, now=9)  # moved: the clock restarts
-    assert not progress.stalled(100, now=18)
-    assert progress.stalled(100, now=19)
-    nobody = WaitProgress(stall_timeout=10)
-    assert not nobody.stalled(None, now=0)
-    assert nobody.stalled(None, now=10)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,33 @@ import pytest_asyncio
 from common.ids import Digest, InfoHash
 from tests.tracker.harness import redis_server
 from tracker.store import Store, open_store
-from tracker.swarm import BlobState, Decision, Peer, Role, decide_join
+from tracker.swarm import (
+    BlobState,
+    ChunkState,
+    Lease,
+    Peer,
+    Rules,
+    SwarmView,
+    Torrent,
+    Visit,
+    start,
+    visit,
+)
 
 BLOB = Digest("c" * 64)
 HASH = InfoHash(b"\x07" * 20)
+RULES = Rules(lease_seconds=60, chunks_in_flight=2, announce_interval=30)
+STATE = BlobState(
+    size=3 * 2**20 + 5,
+    chunk_size=2**20,
+    chunks=(
+        ChunkState(torrent=Torrent(b"\x00meta", "ab" * 20, "n1", 12.5), verified=True),
+        ChunkState(lease=Lease("n2", "tok", 99.5, 1234)),
+        ChunkState(barred=frozenset({"x", "y"})),
+        ChunkState(),
+    ),
+    joiners={"n1": 10.0, "n2": 11.25},
+)
 
 
 @pytest_asyncio.fixture(params=["sqlite", "redis"])
@@ -30,22 +54,40 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
                 yield redis
 
 
-async def test_concurrent_joins_make_exactly_one_origin(store: Store) -> None:
-    def joiner(node: str) -> object:
-        def change(state: BlobState) -> tuple[Decision, BlobState]:
-            return decide_join(state, node, 10, f"token-{node}", now=0, lease_seconds=60)
+async def test_concurrent_joins_never_lease_more_than_chunks_in_flight(store: Store) -> None:
+    alive = SwarmView([], 1, 0)
+
+    def joiner(node: str) -> Awaitable[Visit]:
+        tokens = iter(f"{node}-{i}" for i in range(10))
+
+        def change(state: BlobState) -> tuple[Visit, BlobState]:
+            return visit(start(state, 4 * 2**20, 2**20), node, 0, RULES, alive, lambda: next(tokens))
 
         return store.update_blob(BLOB, change)
 
-    decisions = await asyncio.gather(*(joiner(f"n{i}") for i in range(20)))  # type: ignore[arg-type]
-    assert sorted(d.role for d in decisions) == [Role.ORIGIN] + [Role.WAIT] * 19
+    visits = await asyncio.gather(*(joiner(f"n{i}") for i in range(20)))
+    granted = sorted(index for v in visits for index in v.granted)
+    assert granted == [0, 1]
+    state = await store.update_blob(BLOB, lambda s: (s, s))
+    assert len(state.joiners) == 20
+    assert sorted(i for i, c in enumerate(state.chunks) if c.lease is not None) == [0, 1]
 
 
 async def test_blob_state_is_kept(store: Store) -> None:
-    state = BlobState(size=5, torrent=b"meta", info_hash="ab" * 20, publisher="n1", barred=frozenset({"x"}))
-    await store.update_blob(BLOB, lambda _: (None, state))
-    assert await store.update_blob(BLOB, lambda s: (s, s)) == state
+    await store.update_blob(BLOB, lambda _: (None, STATE))
+    assert await store.update_blob(BLOB, lambda s: (s, s)) == STATE
     assert await store.update_blob(Digest("d" * 64), lambda s: (s, s)) == BlobState()
+
+
+async def test_version_changes_with_every_write_and_only_then(store: Store) -> None:
+    before = await store.blob_version(BLOB)
+    await store.update_blob(BLOB, lambda _: (None, STATE))
+    written = await store.blob_version(BLOB)
+    assert written != before
+    await store.update_blob(BLOB, lambda s: (None, s))
+    assert await store.blob_version(BLOB) == written
+    await store.update_blob(BLOB, lambda s: (None, replace(s, joiners={})))
+    assert await store.blob_version(BLOB) != written
 
 
 async def test_announce_tracks_peers_and_expiry(store: Store) -> None:
@@ -62,8 +104,7 @@ async def test_announce_tracks_peers_and_expiry(store: Store) -> None:
 
 
 async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
-    state = BlobState(size=5, torrent=b"meta", info_hash="ab" * 20, publisher="n1")
     async with open_store("sqlite", tmp_path) as first:
-        await first.update_blob(BLOB, lambda _: (None, state))
+        await first.update_blob(BLOB, lambda _: (None, STATE))
     async with open_store("sqlite", tmp_path) as second:
-        assert await second.update_blob(BLOB, lambda s: (s, s)) == state
+        assert await second.update_blob(BLOB, lambda s: (s, s)) == STATE

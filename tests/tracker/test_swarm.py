@@ -1,88 +1,235 @@
-"""The role rules, table-driven, without sockets."""
+"""The chunk lease rules, what a sync reports as new, and report verdicts: table-driven, no sockets."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
 
 import pytest
 
+from common.chunks import plan
 from tracker.swarm import (
-    WAIT_RETRY_SECONDS,
+    ACTIVE_JOINER_SECONDS,
     BlobState,
+    ChunkState,
     Lease,
     LeaseLost,
     Peer,
-    Role,
-    decide_join,
+    Rules,
+    SwarmView,
+    Torrent,
+    apply_verdicts,
+    leased_chunk,
+    news,
+    next_expiry,
     publish,
     record_progress,
+    start,
+    to_verify,
     view_swarm,
-    withdraw,
+    visit,
 )
 
-LEASE = 60.0
+MIB = 2**20
+RULES = Rules(lease_seconds=20, chunks_in_flight=2, announce_interval=30)
+ALIVE = SwarmView([], complete=1, incomplete=0)
+DEAD = SwarmView([], complete=0, incomplete=0)
 
 
-def join(state: BlobState, node: str, now: float, token: str = "t-new") -> tuple[Role, BlobState]:
-    decision, new = decide_join(state, node, 1000, token, now, LEASE)
-    return decision.role, new
+def tokens(prefix: str = "t") -> Callable[[], str]:
+    """Fresh lease tokens, unique per prefix (the tracker's are random)."""
+    counter = itertools.count()
+    return lambda: f"{prefix}-{next(counter)}"
 
 
-def test_first_joiner_is_origin_and_others_wait() -> None:
-    role, state = join(BlobState(), "a", now=0)
-    assert role is Role.ORIGIN
-    assert state.lease == Lease("a", "t-new", LEASE)
-    assert state.size == 1000
-    decision, _ = decide_join(state, "b", 1000, "t", 1, LEASE)
-    assert decision.role is Role.WAIT and decision.origin_bytes == 0
-    role_a, again = join(state, "a", now=2, token="other")
-    assert role_a is Role.ORIGIN and again.lease is not None and again.lease.token == "t-new"
+def blob(chunks: int = 4) -> BlobState:
+    return start(BlobState(), chunks * MIB, MIB)
 
 
-def test_a_waiter_asks_again_within_a_second_or_when_the_lease_ends() -> None:
-    _, state = join(BlobState(), "a", now=0)
-    decision, _ = decide_join(state, "b", 1000, "t", 59.5, LEASE)
-    assert decision.retry_after == pytest.approx(0.5)
-    decision, _ = decide_join(state, "b", 1000, "t", 1.0, LEASE)
-    assert decision.retry_after == WAIT_RETRY_SECONDS == 1.0
+def join(
+    state: BlobState, node: str, now: float, swarm: SwarmView | None = ALIVE, rules: Rules = RULES
+) -> tuple[list[int], BlobState]:
+    """Indices of the leases `node` holds after its visit."""
+    seen, state = visit(state, node, now, rules, swarm, tokens(f"{node}@{now}"))
+    return [index for index, _ in seen.leases], state
 
 
-def test_progress_extends_lease_only_when_moving() -> None:
-    _, state = join(BlobState(), "a", now=0)
-    moved = record_progress(state, "t-new", 10, now=30, lease_seconds=LEASE)
-    assert moved.lease is not None and moved.lease.expires_at == 90
-    stuck = record_progress(moved, "t-new", 10, now=80, lease_seconds=LEASE)
-    assert stuck == moved
-    role, promoted = join(stuck, "b", now=91, token="t-b")
-    assert role is Role.ORIGIN and promoted.lease is not None and promoted.lease.node == "b"
+def holders(state: BlobState) -> dict[int, str]:
+    return {i: c.lease.node for i, c in enumerate(state.chunks) if c.lease is not None}
+
+
+def token(state: BlobState, index: int) -> str:
+    lease = state.chunks[index].lease
+    assert lease is not None
+    return lease.token
+
+
+def test_start_plans_the_chunks_once() -> None:
+    state = start(BlobState(), 3 * MIB + 1, MIB)
+    assert (state.size, state.chunk_size, len(state.chunks)) == (3 * MIB + 1, MIB, 4)
+    assert state.plan() == plan(3 * MIB + 1, MIB)
+    assert start(state, 99 * MIB, 2 * MIB) == state
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "chunks", "leased"),
+    [(2, 4, [0, 1]), (1, 4, [0]), (3, 4, [0, 1, 2]), (5, 3, [0, 1, 2])],
+)
+def test_a_lone_joiner_gets_up_to_chunks_in_flight_leases(
+    in_flight: int, chunks: int, leased: list[int]
+) -> None:
+    rules = Rules(20, in_flight, 30)
+    held, _ = join(blob(chunks), "a", now=0, rules=rules)
+    assert held == leased
+
+
+def test_two_active_joiners_get_one_each_lowest_first_and_a_third_waits() -> None:
+    _, state = join(blob(), "b", now=0, rules=Rules(20, 0 + 1, 30))  # b active, holding chunk 0
+    state = publish(state, 0, token(state, 0), b"meta", "00" * 20, now=1)  # ...and done with it
+    held_a, state = join(state, "a", now=2)
+    assert held_a == [1]  # not [1, 2]: b is active and holds nothing
+    held_b, state = join(state, "b", now=3)
+    assert held_b == [2]
+    held_c, state = join(state, "c", now=4)
+    assert held_c == [] and holders(state) == {1: "a", 2: "b"}  # two in flight already
+
+
+def test_a_second_lease_once_other_joiners_hold_one_or_went_quiet() -> None:
+    _, state = join(blob(), "a", now=0)
+    assert holders(state) == {0: "a", 1: "a"}
+    state = publish(state, 0, token(state, 0), b"meta", "00" * 20, now=1)
+    _, state = join(state, "b", now=2)  # b takes the free slot
+    assert holders(state) == {1: "a", 2: "b"}
+    state = publish(state, 1, token(state, 1), b"meta", "11" * 20, now=3)
+    held, state = join(state, "a", now=4)
+    assert held == [3]  # b holds one, so a may hold one again
+
+
+def test_an_inactive_joiner_does_not_hold_back_a_second_lease() -> None:
+    _, state = join(blob(), "b", now=0, rules=Rules(20, 1, 30))
+    state = publish(state, 0, token(state, 0), b"meta", "00" * 20, now=1)
+    held, _ = join(state, "a", now=2)
+    assert held == [1]
+    held, _ = join(state, "a", now=1 + ACTIVE_JOINER_SECONDS)
+    assert held == [1, 2]
+
+
+def test_expiry_frees_a_chunk_for_another_joiner() -> None:
+    _, state = join(blob(2), "a", now=0)
+    assert holders(state) == {0: "a", 1: "a"}
+    held, state = join(state, "b", now=19.9)
+    assert held == []
+    held, state = join(state, "b", now=20)  # origin_lease passed without progress
+    assert held == [0] and holders(state) == {0: "b"}
+    assert next_expiry(state) == 40
+
+
+def test_a_barred_node_never_gets_that_chunk() -> None:
+    state = blob(2)
+    state = BlobState(state.size, state.chunk_size, (ChunkState(barred=frozenset({"a"})), ChunkState()))
+    held, state = join(state, "a", now=0)
+    assert held == [1]
+    held, state = join(state, "b", now=1)
+    assert held == [0]
+
+
+def test_progress_extends_a_lease_only_forward() -> None:
+    _, state = join(blob(), "a", now=0)
+    moved = record_progress(state, token(state, 0), 10, now=10, lease_seconds=20)
+    assert moved.chunks[0].lease == Lease("a", token(state, 0), 30, 10)
+    assert record_progress(moved, token(state, 0), 10, now=25, lease_seconds=20) == moved
     with pytest.raises(LeaseLost):
-        record_progress(promoted, "t-new", 20, now=92, lease_seconds=LEASE)
-
-
-def test_publish_needs_the_live_lease_then_everyone_leeches() -> None:
-    _, state = join(BlobState(), "a", now=0)
+        record_progress(moved, token(state, 0), 20, now=30, lease_seconds=20)
     with pytest.raises(LeaseLost):
-        publish(state, "wrong", b"meta", "ab" * 20, now=1)
-    with pytest.raises(LeaseLost):
-        publish(state, "t-new", b"meta", "ab" * 20, now=LEASE + 1)
-    published = publish(state, "t-new", b"meta", "ab" * 20, now=1)
-    assert published.publisher == "a" and published.lease is None
-    assert join(published, "b", now=2)[0] is Role.LEECHER
-    assert join(published, "a", now=2)[0] is Role.LEECHER
+        record_progress(moved, "not-a-token", 20, now=1, lease_seconds=20)
 
 
-def test_withdraw_bars_publisher_and_next_joiner_is_origin() -> None:
-    _, state = join(BlobState(), "a", now=0)
-    state = withdraw(publish(state, "t-new", b"meta", "ab" * 20, now=1))
-    assert state.torrent is None and state.barred == {"a"}
-    barred, _ = decide_join(state, "a", 1000, "t", 2, LEASE)
-    assert barred.role is Role.WAIT and barred.origin_bytes is None
-    role, state = join(state, "b", now=2)
-    assert role is Role.ORIGIN and state.lease is not None and state.lease.node == "b"
+def test_publish_needs_the_live_lease_of_that_chunk_and_frees_it() -> None:
+    _, state = join(blob(), "a", now=0)
+    for index, tok, now in [(1, token(state, 0), 1), (0, "wrong", 1), (0, token(state, 0), 20), (9, "t", 1)]:
+        with pytest.raises(LeaseLost):
+            publish(state, index, tok, b"meta", "ab" * 20, now)
+    assert leased_chunk(state, 0, token(state, 0), 1) == plan(4 * MIB, MIB)[0]
+    published = publish(state, 0, token(state, 0), b"meta", "ab" * 20, now=1)
+    assert published.chunks[0] == ChunkState(torrent=Torrent(b"meta", "ab" * 20, "a", 1))
+    held, _ = join(published, "a", now=2)
+    assert held == [1, 2]  # the freed slot goes to the next chunk
+
+
+def test_a_dead_swarm_unpublishes_chunks_older_than_an_interval() -> None:
+    _, state = join(blob(2), "a", now=0)
+    state = publish(state, 0, token(state, 0), b"m0", "00" * 20, now=1)
+    state = publish(state, 1, token(state, 1), b"m1", "11" * 20, now=19)
+    barred = state.chunks[0].barred | {"x"}
+    state = BlobState(state.size, state.chunk_size, (ChunkState(state.chunks[0].torrent, barred=barred),
+                      state.chunks[1]), state.joiners)  # fmt: skip
+    seen, alive = visit(state, "b", 40, RULES, ALIVE, tokens())
+    assert seen.reset == [] and len(alive.published()) == 2
+    seen, unknown = visit(state, "b", 40, RULES, None, tokens())  # a re-check: liveness not looked at
+    assert seen.reset == [] and len(unknown.published()) == 2
+    seen, reset = visit(state, "b", 40, RULES, DEAD, tokens())
+    assert seen.reset == [0] and [i for i, _ in reset.published()] == [1]  # chunk 1 is too young
+    assert reset.chunks[0].barred == barred and seen.granted == [0]
+
+
+@pytest.mark.parametrize(
+    ("known", "fresh", "withdrawn"),
+    [
+        ([], [0, 2], []),
+        (["00" * 20], [2], []),
+        (["00" * 20, "22" * 20], [], []),
+        (["00" * 20, "11" * 20], [2], ["11" * 20]),
+        (["ff" * 20], [0, 2], ["ff" * 20]),
+    ],
+)
+def test_news_is_what_the_node_lacks_and_what_it_has_that_went(
+    known: list[str], fresh: list[int], withdrawn: list[str]
+) -> None:
+    state = BlobState(3 * MIB, MIB, (
+        ChunkState(torrent=Torrent(b"m0", "00" * 20, "a", 1)),
+        ChunkState(),
+        ChunkState(torrent=Torrent(b"m2", "22" * 20, "b", 1)),
+    ))  # fmt: skip
+    assert news(state, known) == (fresh, withdrawn)
+
+
+def test_verdicts_withdraw_and_bar_or_mark_verified() -> None:
+    state = BlobState(3 * MIB, MIB, (
+        ChunkState(torrent=Torrent(b"m0", "00" * 20, "liar", 1)),
+        ChunkState(torrent=Torrent(b"m1", "11" * 20, "honest", 1)),
+        ChunkState(torrent=Torrent(b"m2", "22" * 20, "late", 1)),
+    ))  # fmt: skip
+    assert [i for i, _ in to_verify(state)] == [0, 1, 2]
+    verdicts = {0: ("00" * 20, False), 1: ("11" * 20, True), 2: ("99" * 20, False)}  # 2: re-published since
+    withdrawn, state = apply_verdicts(state, verdicts)
+    assert withdrawn == [0]
+    assert state.chunks[0] == ChunkState(barred=frozenset({"liar"}))
+    assert state.chunks[1].verified and state.chunks[2].torrent is not None
+    assert [i for i, _ in to_verify(state)] == [2]
+    held, _ = join(state, "liar", now=2)
+    assert held == []
+    held, _ = join(state, "other", now=2)
+    assert held == [0]
+
+
+def test_last_seen_is_written_at_most_every_few_seconds() -> None:
+    _, state = join(blob(1), "a", now=0)
+    _, again = join(state, "a", now=1)
+    assert again == state  # nothing new: nothing for the store to write
+    _, later = join(state, "a", now=10)
+    assert later.joiners == {"a": 10}
 
 
 def test_state_round_trips_through_json() -> None:
-    _, state = join(BlobState(), "a", now=0)
-    state = withdraw(publish(state, "t-new", b"\x00meta", "ab" * 20, now=1))
+    _, state = join(blob(), "a", now=0)
+    state = publish(state, 0, token(state, 0), b"\x00meta", "ab" * 20, now=1)
+    state = BlobState(state.size, state.chunk_size,
+                      (*state.chunks[:3], ChunkState(verified=True, barred=frozenset({"x", "y"}))),
+                      state.joiners)  # fmt: skip
     _, state = join(state, "b", now=2)
     assert BlobState.from_json(state.to_json()) == state
     assert BlobState.from_json(None) == BlobState()
+    assert BlobState.from_json('{"size": 5, "torrent": null, "lease": null}') == BlobState()  # pre-chunks
 
 
 def peer(node: str, seeding: bool = False, expires_at: float = 100) -> Peer:

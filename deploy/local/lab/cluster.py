@@ -24,7 +24,6 @@ and each dockerd through its Unix socket.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -46,7 +45,7 @@ from lab.netns import TOOLS, Network, terminate
 from lab.pki import AUTH_NAME, LOOPBACK, REGISTRY_NAME, issue_server_files, new_lab_ca, write_ca
 from lab.procstat import cpu_seconds
 from lab.registry import Registry
-from lab.services import DOCKERD_TOOLS, Dockerd, Service, log_tail, read_metric, require_tools
+from lab.services import DOCKERD_TOOLS, Dockerd, Service, log_events, log_tail, read_metric, require_tools
 from lab.token_server import User, write_config
 from lab.tokens import TokenIssuer
 
@@ -276,15 +275,9 @@ class Cluster:
         return self.tracker_log_path.read_text(errors="replace")
 
     def tracker_events(self, event: str, **fields: str) -> list[dict[str, Any]]:
-        """The tracker's structured log records of `event` (`join`, `published`) whose fields
-        match `fields`, e.g. `tracker_events("join", node="node-1")`."""
-        records = []
-        for line in self.tracker_log().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                record = json.loads(line)
-                if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
-                    records.append(record)
-        return records
+        """The tracker's structured log records of `event` (`join`, `lease`, `published`, ...)
+        whose fields match `fields`, e.g. `tracker_events("join", node="node-1")`."""
+        return log_events(self.tracker_log(), event, **fields)
 
     def reference(self, image: PushedImage) -> str:
         return f"{self.registry.host}/{image.repo}:{image.tag}"

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from lab.cluster import Cluster, Node
@@ -85,11 +85,12 @@ async def roll_out(
     through_node: bool = True,
     progress: Callable[[str], None] | None = None,
     sample_every: float = 2.0,
+    nodes: Sequence[Node] | None = None,
 ) -> Rollout:
-    """`pull(node)` on every node at once. With `through_node`, each node's counters are sampled
-    every `sample_every` seconds (a line to `progress`, if given), and its CPU read before and
-    after."""
-    nodes = cluster.nodes
+    """`pull(node)` on every node at once (or on `nodes` only, e.g. one node alone). With
+    `through_node`, each node's counters are sampled every `sample_every` seconds (a line to
+    `progress`, if given), and its CPU read before and after."""
+    nodes = list(cluster.nodes if nodes is None else nodes)
     total = layer_bytes(image)
     before = {n.name: await n.blob_bytes() for n in nodes} if through_node else {}
     before_cpu = {n.name: n.cpu_seconds() for n in nodes} if through_node else {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -300,6 +301,18 @@ async def start_dockerd(
 
     env = {"PATH": os.environ["PATH"], **proxy_env}
     return await started("dockerd", argv, daemon.log_path, healthy, spawn=spawn, env=env, timeout=timeout)
+
+
+def log_events(text: str, event: str, **fields: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log (shoal's daemons log that way) whose `event` field is
+    `event` and whose other fields match `fields`."""
+    records = []
+    for line in text.splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
+                records.append(record)
+    return records
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:

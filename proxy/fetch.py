@@ -1,0 +1,290 @@
+"""One blob's download on this node, chunk by chunk, for as long as the blob is not complete.
+
+A `BlobFetch` joins the blob's swarm once (one blob-scoped certificate for all its chunk
+torrents), then keeps one long-poll `sync` with the tracker open to learn each chunk torrent as
+soon as it is published and each chunk the tracker leases to this node. A leased chunk is fetched
+from the registry by this node for the cluster, written to its chunk file, published and seeded.
+Readers take a chunk from whatever this node has for it: its own registry download as it arrives,
+else the chunk's torrent as pieces verify; a reader that receives nothing for `stall_timeout` is
+told the chunk is unavailable here and goes to the registry itself, whatever an origin claims.
+
+`P2PBlobSource` alone creates, finishes, cancels and awaits fetches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from common.chunks import Chunk
+from common.ids import Digest
+from common.tasks import spawn
+from peer.cache import DigestMismatch
+from peer.engine import ChunkedBlob
+from peer.session import PeerError
+from peer.stream import Stalled
+from proxy.upstream import UpstreamBroken
+from tracker.client import (
+    ChunkLease,
+    ChunkTorrent,
+    Swarm,
+    TrackerClient,
+    TrackerRefused,
+    TrackerUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+Chunks = AsyncIterator[tuple[bytes, str]]  # bytes and the `source` label they are counted under
+RegistryRange = Callable[[int, int], AsyncIterator[bytes]]  # blob offsets [start, end)
+
+# A sync is held open this long by the tracker when it has nothing new: a node learns of a
+# published chunk within milliseconds at the cost of one request per node per SYNC_WAIT.
+SYNC_WAIT = 25.0
+# After a failed sync: exponential backoff with jitter, so N nodes do not retry in step.
+SYNC_RETRY_FIRST = 0.5
+SYNC_RETRY_MAX = 10.0
+ORIGIN_FAILURES = (DigestMismatch, UpstreamBroken, OSError, PeerError, TrackerUnavailable, TrackerRefused)
+
+
+class Unavailable(Exception):
+    """This node cannot deliver the rest of a range; `reason` labels the fallback metric."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class ChunkDownload:
+    """This node fetches one chunk from the registry for the cluster; readers follow it."""
+
+    chunk: Chunk
+    lease: ChunkLease
+    written: int = 0
+    done: bool = False
+    failed: BaseException | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def advanced(self, written: int) -> None:
+        async with self._changed:
+            self.written = written
+            self._changed.notify_all()
+
+    async def finished(self, error: BaseException | None) -> None:
+        async with self._changed:
+            self.failed, self.done = error, True
+            self._changed.notify_all()
+
+    async def wait_past(self, offset: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.written > offset or self.done)
+
+
+class BlobFetch:
+    def __init__(
+        self,
+        swarm: Swarm,
+        blob: ChunkedBlob,
+        tracker: TrackerClient,
+        registry: RegistryRange,
+        stall_timeout: float,
+    ) -> None:
+        self.swarm = swarm
+        self.blob = blob
+        self.digest: Digest = blob.digest
+        self.registry = registry  # the newest client's credential: tokens expire, pulls go on
+        self._tracker = tracker
+        self._stall_timeout = stall_timeout
+        self._known: dict[int, str] = {}  # chunk index -> info-hash of the torrent in the session
+        self._refused: set[str] = set()  # info-hashes the session would not take: not asked again
+        self._downloads: dict[int, ChunkDownload] = {}  # this node's registry downloads, kept once done
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # lifecycle (the owner's)
+
+    async def start(self) -> None:
+        await self._apply(self.swarm.chunks, [], self.swarm.leases)
+        self._spawn(self._sync(), "sync")
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "digest": str(self.digest),
+            "state": "fetching",
+            "chunks": len(self.blob.chunks),
+            "torrents": len(self._known),
+            "origin_of": sorted(self._downloads),  # chunks this node fetched from the registry
+            "left": self.blob.left(),
+        }
+
+    # reading
+
+    async def read(self, chunk: Chunk, start: int, end: int) -> Chunks:
+        """Bytes [start, end) of `chunk` (blob offsets) in order; `Unavailable` when this node has
+        nothing for the chunk for `stall_timeout`, or what it had failed."""
+        async with self._changed:
+            ready = lambda: chunk.index in self._downloads or self.blob.torrent(chunk.index) is not None  # noqa: E731
+            try:
+                await asyncio.wait_for(self._changed.wait_for(ready), self._stall_timeout)
+            except TimeoutError:
+                raise Unavailable(
+                    "no_chunk", f"no torrent and no lease for chunk {chunk.index} in {self._stall_timeout} s"
+                ) from None
+        download = self._downloads.get(chunk.index)
+        if download is not None:
+            async for data in self._follow(download, start, end):
+                yield data, "upstream"
+            return
+        async for item in self._leech(chunk, start, end):
+            yield item
+
+    async def _follow(self, download: ChunkDownload, start: int, end: int) -> AsyncIterator[bytes]:
+        """This node's registry download of a chunk, read from its file as it arrives (or once it
+        is complete: reading the file costs less than reading its torrent's pieces)."""
+        chunk = download.chunk
+        with open(self.blob.chunk_file(chunk.index), "rb") as file:
+            position = start
+            while position < end:
+                await download.wait_past(position - chunk.start)
+                available = chunk.start + download.written
+                if available <= position:
+                    raise Unavailable("origin_failed", f"chunk {chunk.index}: {download.failed}")
+                size = min(available, end) - position
+                data = await asyncio.to_thread(os.pread, file.fileno(), size, position - chunk.start)
+                position += len(data)
+                yield data
+
+    async def _leech(self, chunk: Chunk, start: int, end: int) -> Chunks:
+        """The chunk's torrent as pieces verify; a stalled swarm's missing bytes from the registry,
+        which go into the torrent too, so the node goes on seeding the chunk."""
+        switched = False
+
+        async def refill(lo: int, hi: int) -> AsyncIterator[bytes]:
+            nonlocal switched
+            logger.warning(
+                "chunk swarm stalled; its rest from the registry",
+                extra={"digest": str(self.digest), "chunk": chunk.index, "offset": chunk.start + lo},
+            )
+            switched = True
+            async for data in self.registry(chunk.start + lo, chunk.start + hi):
+                yield data
+
+        try:
+            async for data in self.blob.stream(chunk.index, start - chunk.start, end - chunk.start, refill):
+                yield data, "upstream" if switched else "p2p"
+        except (PeerError, Stalled, EOFError) as exc:
+            raise Unavailable("peer_error", f"chunk {chunk.index}: {exc}") from None
+
+    # the tracker's news
+
+    async def _sync(self) -> None:
+        retry = SYNC_RETRY_FIRST
+        while len(self._known) < len(self.blob.chunks) or not all(d.done for d in self._downloads.values()):
+            try:
+                known = [*self._known.values(), *self._refused]
+                answer = await self._tracker.sync(self.digest, self.swarm.key, known, SYNC_WAIT)
+            except (TrackerUnavailable, TrackerRefused) as exc:
+                logger.warning("sync failed: %s", exc, extra={"digest": str(self.digest)})
+                await asyncio.sleep(retry * random.uniform(0.5, 1.5))
+                retry = min(retry * 2, SYNC_RETRY_MAX)
+                continue
+            retry = SYNC_RETRY_FIRST
+            await self._apply(answer.chunks, answer.withdrawn, answer.leases)
+
+    async def _apply(
+        self, chunks: list[ChunkTorrent], withdrawn: list[str], leases: list[ChunkLease]
+    ) -> None:
+        for index in [i for i, info_hash in self._known.items() if info_hash in withdrawn]:
+            logger.warning(
+                "chunk withdrawn by the tracker", extra={"digest": str(self.digest), "chunk": index}
+            )
+            del self._known[index]
+            await self.blob.drop_chunk(index)
+        for torrent in chunks:
+            if torrent.index not in self._known and torrent.index not in self._downloads:
+                try:
+                    await self.blob.leech(torrent.index, torrent.metainfo)
+                except PeerError as exc:
+                    logger.warning("cannot add a chunk torrent: %s", exc, extra={"digest": str(self.digest)})
+                    self._refused.add(torrent.info_hash)
+                    continue
+                self._known[torrent.index] = torrent.info_hash
+        for lease in leases:
+            if lease.index not in self._downloads and lease.index not in self._known:
+                download = ChunkDownload(self.blob.chunks[lease.index], lease)
+                self._downloads[lease.index] = download
+                self._spawn(self._originate(download), f"origin-{lease.index}")
+        async with self._changed:
+            self._changed.notify_all()
+
+    # this node as a chunk's origin
+
+    async def _originate(self, download: ChunkDownload) -> None:
+        chunk, lease = download.chunk, download.lease
+        keepalive = spawn(self._keep_lease(download), name=f"lease-{self.digest.hex[:12]}-{chunk.index}")
+        error: BaseException | None = None
+        try:
+            await self._download(download)
+            metainfo = await self.blob.make_metainfo(chunk.index, self.swarm.ca.encode())
+            info_hash = await self._tracker.publish_chunk(self.digest, chunk.index, lease.token, metainfo)
+            await self.blob.seed(chunk.index, metainfo)
+            self._known[chunk.index] = info_hash
+            logger.info(
+                "chunk published and seeding",
+                extra={"digest": str(self.digest), "chunk": chunk.index, "bytes": chunk.length},
+            )
+        except ORIGIN_FAILURES as exc:
+            logger.error(
+                "chunk origin failed: %s", exc, extra={"digest": str(self.digest), "chunk": chunk.index}
+            )
+            error = exc
+        finally:
+            keepalive.cancel()
+            await download.finished(error)
+            if error is not None:  # the chunk may be leased to this node again, or leeched
+                del self._downloads[chunk.index]
+                with contextlib.suppress(OSError):
+                    os.unlink(self.blob.chunk_file(chunk.index))
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _download(self, download: ChunkDownload) -> None:
+        chunk = download.chunk
+        written = 0
+        with open(self.blob.chunk_file(chunk.index), "wb") as file:
+            async for data in self.registry(chunk.start, chunk.end):
+                view = memoryview(data)
+                while view:  # a short write (a full disk) must not be taken for a whole one
+                    done = os.pwrite(file.fileno(), view, written)
+                    view = view[done:]
+                    written += done
+                await download.advanced(written)
+            if written != chunk.length:
+                raise UpstreamBroken(
+                    f"registry sent {written} of {chunk.length} bytes of chunk {chunk.index}"
+                )
+            await asyncio.to_thread(os.fsync, file.fileno())
+
+    async def _keep_lease(self, download: ChunkDownload) -> None:
+        """Report progress well within the lease, so the chunk is not leased to someone else."""
+        while True:
+            await asyncio.sleep(max(1.0, download.lease.seconds / 4))
+            with contextlib.suppress(TrackerUnavailable, TrackerRefused):
+                await self._tracker.progress(self.digest, download.lease.token, download.written)
+
+    def _spawn(self, coro: object, what: str) -> None:
+        task = spawn(coro, name=f"{what}-{self.digest.hex[:12]}")  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
