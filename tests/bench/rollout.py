@@ -37,9 +37,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
-
 from common.config import parse_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "local"))
@@ -48,12 +45,16 @@ from lab.cluster import Cluster, Node
 from lab.images import PushedImage
 from lab.procstat import machine_busy_seconds
 from lab.rollout import Rollout, roll_out
-from lab.services import https_context
+from lab.services import https_context, metric_value, metrics_text
 
 MiB, GiB = 2**20, 2**30
 CPU_BOUND = 0.85  # machine CPU busy from which a run measures this machine more than shoal
-# Counter families that count something other than requests, or requests already counted once.
-NOT_REQUESTS = ("_denied_total", "_failures_total", "_withdrawn_total", "_leases_total")
+TRACKER_REQUESTS = (
+    "shoal_tracker_joins_total",
+    "shoal_tracker_syncs_total",
+    "shoal_tracker_announces_total",
+    "shoal_tracker_torrents_published_total",
+)
 
 
 @dataclass(frozen=True)
@@ -114,23 +115,10 @@ def overlap(rollout: Rollout) -> float | None:
 
 
 async def tracker_requests(cluster: Cluster) -> float:
-    """Requests the tracker has counted so far: every `shoal_tracker_*_total` sample (joins, syncs,
-    announces, progress, publishes, reports) but `NOT_REQUESTS`. By name pattern, not a fixed list,
-    since the tracker's counters are being renamed; a family it lacks simply adds nothing."""
-    context = https_context(cluster.ca_file)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{cluster.tracker_url}/metrics", ssl=context) as response,
-    ):
-        text = await response.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name.startswith("shoal_tracker_")
-        and sample.name.endswith("_total")
-        and not sample.name.endswith(NOT_REQUESTS)
-    )
+    """Requests the tracker has answered so far: joins, syncs, announces and chunk publishes (the
+    origins' progress reports, a few per chunk, have no counter)."""
+    text = await metrics_text(cluster.tracker_url, https_context(cluster.ca_file))
+    return sum(metric_value(text, name) or 0.0 for name in TRACKER_REQUESTS)
 
 
 async def run(

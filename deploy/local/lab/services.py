@@ -324,8 +324,16 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+async def metrics_text(url: str, context: ssl.SSLContext | None = None) -> str:
+    """`url`'s Prometheus /metrics, over TLS verified with `context` for an https URL."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/metrics", ssl=context or False) as response,
+    ):
+        return await response.text()
+
+
 async def read_metric(url: str, name: str, **labels: str) -> tuple[float | None, str]:
     """One sample of `url`'s /metrics (None when absent), and the whole text for messages."""
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
-        text = await response.text()
+    text = await metrics_text(url)
     return metric_value(text, name, **labels), text
