@@ -47,10 +47,12 @@ class TrackerConfig:
     # Seconds without forward progress before a chunk lease is lost: nodes report every lease/4, so
     # a dead origin costs the swarm at most this long on one chunk.
     origin_lease: Duration = 20
-    # 32 MiB: big enough that a chunk's torrent, peer connections and announce overhead stay small
-    # against its bytes, small enough that a 256 MiB layer has 8 chunks to spread over origins
-    # (DESIGN.md: 4-8 partial seeders per blob are what make a swarm fast).
-    chunk_size: Size = 32 * 2**20
+    # 8 MiB: a chunk is published only once its origin has all of it, and an image's layers are
+    # fetched in parallel, so chunk time is about layers x chunks_in_flight x chunk_size / link rate.
+    # It must stay well under a node's stall_timeout. 8 nodes, 4 layers, 50 Mbit/s
+    # (tests/bench/rollout.py): 32 MiB chunks took 43 s each, waiters gave up and the rollout took
+    # 5.4 x S/B; 8 MiB took 1.7 x.
+    chunk_size: Size = 8 * 2**20
     # Chunks of one blob leased at once: the registry serves at most this many in parallel, so its
     # bytes leave roughly in order and the first chunks are published early.
     chunks_in_flight: int = 2
