@@ -224,6 +224,8 @@ class BlobFetch:
         for lease in leases:
             if lease.index not in self._downloads and lease.index not in self._known:
                 download = ChunkDownload(self.blob.chunks[lease.index], lease)
+                # The file exists before anyone can see the download: a reader opens it at once.
+                self.blob.chunk_file(lease.index).write_bytes(b"")
                 self._downloads[lease.index] = download
                 self._spawn(self._originate(download), f"origin-{lease.index}")
         async with self._changed:
@@ -263,7 +265,7 @@ class BlobFetch:
     async def _download(self, download: ChunkDownload) -> None:
         chunk = download.chunk
         written = 0
-        with open(self.blob.chunk_file(chunk.index), "wb") as file:
+        with open(self.blob.chunk_file(chunk.index), "r+b") as file:
             async for data in self.registry(chunk.start, chunk.end):
                 view = memoryview(data)
                 while view:  # a short write (a full disk) must not be taken for a whole one

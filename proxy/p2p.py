@@ -85,7 +85,7 @@ class P2PBlobSource:
         self._metrics = metrics
         self._direct = UpstreamBlobSource(upstream, metrics)
         self._fetches: dict[Digest, BlobFetch] = {}
-        self._joining: dict[Digest, asyncio.Task[BlobFetch]] = {}
+        self._joining: dict[Digest, asyncio.Task[BlobFetch | Unavailable]] = {}
         self._watchers: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> P2PBlobSource:
@@ -241,11 +241,14 @@ class P2PBlobSource:
             joining = spawn(self._join(blob, registry), name=f"join-{blob.digest.hex[:12]}")
             self._joining[blob.digest] = joining
             joining.add_done_callback(lambda _: self._joining.pop(blob.digest, None))
-        return await asyncio.shield(joining)
+        joined = await asyncio.shield(joining)
+        if isinstance(joined, Unavailable):
+            raise joined
+        return joined
 
-    async def _join(self, blob: BlobRequest, registry: RegistryRange) -> BlobFetch:
+    async def _join(self, blob: BlobRequest, registry: RegistryRange) -> BlobFetch | Unavailable:
         """Join the blob's swarm once and start fetching it; `Unavailable` when the tracker says
-        no or is away."""
+        no or is away, returned as a value: every waiter raises it, and no task "crashed"."""
         key = new_key()
         authorization = blob.request.headers.get("Authorization")
         try:
@@ -255,7 +258,7 @@ class P2PBlobSource:
             credentials = Credentials(swarm.cert.encode(), key_pem(key), swarm.announce)
             chunked = await self._peer.open(blob.digest, swarm.size, swarm.chunk_size, credentials)
         except (TrackerUnavailable, TrackerRefused, PeerError) as exc:
-            raise Unavailable("no_swarm", f"no swarm: {exc}") from None
+            return Unavailable("no_swarm", f"no swarm: {exc}")
         fetch = BlobFetch(swarm, chunked, self._tracker, registry, self._config.stall_timeout)
         self._fetches[blob.digest] = fetch
         await fetch.start()
