@@ -68,6 +68,7 @@ class NodeConfig:
     docker_certs_dir: Path = Path("/etc/docker/certs.d")  # where dockerd reads registry trust
     p2p_min_bytes: Size = 2**20  # smaller blobs always come straight from the registry
     stall_timeout: Duration = 20  # a swarm silent this long falls back to the registry
+    origin_connections: int = 2  # registry connections at once for each chunk this node fetches for the swarm
     shutdown_grace: Duration = 30  # on SIGTERM, how long responses in flight may take to finish
     log_level: str = "info"
     registries: tuple[NodeRegistry, ...] = ()  # the registries whose traffic the node intercepts
@@ -83,6 +84,8 @@ class NodeConfig:
         hosts = [r.host for r in self.registries]
         if len(set(hosts)) != len(hosts):
             raise ValueError("registries: a host is listed twice")
+        if self.origin_connections < 1:
+            raise ValueError("origin_connections: must be at least 1")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level: one of debug, info, warning, error, got {self.log_level!r}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -52,6 +53,13 @@ SYNC_RETRY_MAX = 10.0
 ORIGIN_FAILURES = (DigestMismatch, UpstreamBroken, OSError, PeerError, TrackerUnavailable, TrackerRefused)
 
 
+def split(chunk: Chunk, count: int) -> list[Chunk]:
+    """`chunk` as up to `count` consecutive ranges of about equal length (blob offsets)."""
+    count = max(1, min(count, chunk.length))
+    bounds = [chunk.start + chunk.length * i // count for i in range(count + 1)]
+    return [Chunk(chunk.index, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+
+
 class Unavailable(Exception):
     """This node cannot deliver the rest of a range; `reason` labels the fallback metric."""
 
@@ -62,18 +70,35 @@ class Unavailable(Exception):
 
 @dataclass
 class ChunkDownload:
-    """This node fetches one chunk from the registry for the cluster; readers follow it."""
+    """This node fetches one chunk from the registry for the cluster, in `parts` ranges at once;
+    readers follow it. `written` is the chunk's contiguous prefix on disk (what a reader may read),
+    `fetched` all bytes so far (what the lease's progress reports count)."""
 
     chunk: Chunk
     lease: ChunkLease
+    parts: list[Chunk]  # blob offsets of each range fetched on its own connection
+    received: list[int] = field(default_factory=list)  # bytes written so far, per part
     written: int = 0
     done: bool = False
     failed: BaseException | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
-    async def advanced(self, written: int) -> None:
+    def __post_init__(self) -> None:
+        self.received = [0] * len(self.parts)
+
+    @property
+    def fetched(self) -> int:
+        return sum(self.received)
+
+    async def advanced(self, part: int, received: int) -> None:
         async with self._changed:
-            self.written = written
+            self.received[part] = received
+            prefix = 0
+            for range_, count in zip(self.parts, self.received, strict=True):
+                prefix += count
+                if count < range_.length:
+                    break
+            self.written = prefix
             self._changed.notify_all()
 
     async def finished(self, error: BaseException | None) -> None:
@@ -94,6 +119,7 @@ class BlobFetch:
         tracker: TrackerClient,
         registry: RegistryRange,
         stall_timeout: float,
+        origin_connections: int,
     ) -> None:
         self.swarm = swarm
         self.blob = blob
@@ -101,6 +127,7 @@ class BlobFetch:
         self.registry = registry  # the newest client's credential: tokens expire, pulls go on
         self._tracker = tracker
         self._stall_timeout = stall_timeout
+        self._origin_connections = origin_connections
         self._known: dict[int, str] = {}  # chunk index -> info-hash of the torrent in the session
         self._refused: set[str] = set()  # info-hashes the session would not take: not asked again
         self._downloads: dict[int, ChunkDownload] = {}  # this node's registry downloads, kept once done
@@ -223,7 +250,8 @@ class BlobFetch:
                 self._known[torrent.index] = torrent.info_hash
         for lease in leases:
             if lease.index not in self._downloads and lease.index not in self._known:
-                download = ChunkDownload(self.blob.chunks[lease.index], lease)
+                chunk = self.blob.chunks[lease.index]
+                download = ChunkDownload(chunk, lease, split(chunk, self._origin_connections))
                 # The file exists before anyone can see the download: a reader opens it at once.
                 self.blob.chunk_file(lease.index).write_bytes(b"")
                 self._downloads[lease.index] = download
@@ -239,6 +267,8 @@ class BlobFetch:
         error: BaseException | None = None
         try:
             await self._download(download)
+            with contextlib.suppress(TrackerUnavailable, TrackerRefused):  # the keep-alive says it later
+                await self._tracker.progress(self.digest, lease.token, chunk.length)  # next chunk, anyone
             metainfo = await self.blob.make_metainfo(chunk.index, self.swarm.ca.encode())
             info_hash = await self._tracker.publish_chunk(self.digest, chunk.index, lease.token, metainfo)
             await self.blob.seed(chunk.index, metainfo)
@@ -263,28 +293,43 @@ class BlobFetch:
                 self._changed.notify_all()
 
     async def _download(self, download: ChunkDownload) -> None:
-        chunk = download.chunk
-        written = 0
-        with open(self.blob.chunk_file(chunk.index), "r+b") as file:
-            async for data in self.registry(chunk.start, chunk.end):
-                view = memoryview(data)
-                while view:  # a short write (a full disk) must not be taken for a whole one
-                    done = os.pwrite(file.fileno(), view, written)
-                    view = view[done:]
-                    written += done
-                await download.advanced(written)
-            if written != chunk.length:
-                raise UpstreamBroken(
-                    f"registry sent {written} of {chunk.length} bytes of chunk {chunk.index}"
-                )
+        """Every part of the chunk at once, each on its own registry connection: beside the
+        peers' connections into this node, one registry flow would get a small share of its
+        downlink, and the whole cluster waits for this chunk."""
+        with open(self.blob.chunk_file(download.chunk.index), "r+b") as file:
+            parts = [
+                spawn(self._download_part(file.fileno(), download, i), name=f"part-{i}")
+                for i in range(len(download.parts))
+            ]
+            try:
+                await asyncio.gather(*parts)
+            finally:
+                for part in parts:
+                    part.cancel()
+                await asyncio.gather(*parts, return_exceptions=True)
             await asyncio.to_thread(os.fsync, file.fileno())
+
+    async def _download_part(self, fd: int, download: ChunkDownload, part: int) -> None:
+        chunk, range_ = download.chunk, download.parts[part]
+        received = 0
+        async for data in self.registry(range_.start, range_.end):
+            view = memoryview(data)
+            while view:  # a short write (a full disk) must not be taken for a whole one
+                done = os.pwrite(fd, view, range_.start - chunk.start + received)
+                view = view[done:]
+                received += done
+            await download.advanced(part, received)
+        if received != range_.length:
+            raise UpstreamBroken(
+                f"registry sent {received} of {range_.length} bytes at {range_.start} of chunk {chunk.index}"
+            )
 
     async def _keep_lease(self, download: ChunkDownload) -> None:
         """Report progress well within the lease, so the chunk is not leased to someone else."""
         while True:
             await asyncio.sleep(max(1.0, download.lease.seconds / 4))
             with contextlib.suppress(TrackerUnavailable, TrackerRefused):
-                await self._tracker.progress(self.digest, download.lease.token, download.written)
+                await self._tracker.progress(self.digest, download.lease.token, download.fetched)
 
     def _spawn(self, coro: object, what: str) -> None:
         task = spawn(coro, name=f"{what}-{self.digest.hex[:12]}")  # type: ignore[arg-type]

@@ -259,7 +259,10 @@ class P2PBlobSource:
             chunked = await self._peer.open(blob.digest, swarm.size, swarm.chunk_size, credentials)
         except (TrackerUnavailable, TrackerRefused, PeerError) as exc:
             return Unavailable("no_swarm", f"no swarm: {exc}")
-        fetch = BlobFetch(swarm, chunked, self._tracker, registry, self._config.stall_timeout)
+        config = self._config
+        fetch = BlobFetch(
+            swarm, chunked, self._tracker, registry, config.stall_timeout, config.origin_connections
+        )
         self._fetches[blob.digest] = fetch
         await fetch.start()
         watcher = spawn(self._until_cached(fetch, blob), name=f"watch-{blob.digest.hex[:12]}")

@@ -269,7 +269,9 @@ async def progress(request: web.Request) -> web.Response:
     if not isinstance(done, int) or isinstance(done, bool) or done < 0:
         raise ApiError(errors.BAD_REQUEST, "bytes must be a non-negative integer")
     lease = tracker.config.origin_lease
-    await _update(tracker, digest, lambda s: (None, record_progress(s, token, done, time.time(), lease)))
+    fetched = await _update(tracker, digest, lambda s: record_progress(s, token, done, time.time(), lease))
+    if fetched:  # the chunk's origin is no longer fetching: a long-poll may lease the next chunk
+        tracker.events.notify(digest)
     return web.json_response({"lease_seconds": lease})
 
 

@@ -217,15 +217,18 @@ def _seen(state: BlobState, node: str, now: float) -> BlobState:
 def _grant(
     state: BlobState, node: str, now: float, rules: Rules, new_token: Callable[[], str]
 ) -> tuple[list[int], BlobState]:
-    """Lease `node` the lowest-index free chunks while fewer than `chunks_in_flight` are leased, but
-    never a second one while another active joiner that could take a chunk has none."""
+    """Lease `node` the lowest-index free chunks while fewer than `chunks_in_flight` are still
+    coming from the registry, but never a second one while another active joiner that could take a
+    chunk is fetching none. A lease whose bytes have all arrived (its origin hashes and publishes
+    the chunk) no longer counts: the registry's link goes on to the next chunk meanwhile."""
     chunks = list(state.chunks)
+    lengths = [chunk.length for chunk in state.plan()]
     granted: list[int] = []
-    while sum(c.lease is not None for c in chunks) < rules.chunks_in_flight:
+    while len(_fetching(chunks, lengths)) < rules.chunks_in_flight:
         free = [i for i, c in enumerate(chunks) if c.free_for(node)]
         if not free:
             break
-        if _holds_a_lease(chunks, node) and _another_waits(chunks, state.joiners, node, now):
+        if node in _fetching(chunks, lengths) and _another_waits(chunks, lengths, state.joiners, node, now):
             break
         index = free[0]
         chunks[index] = replace(chunks[index], lease=Lease(node, new_token(), now + rules.lease_seconds))
@@ -233,16 +236,24 @@ def _grant(
     return granted, replace(state, chunks=tuple(chunks)) if granted else state
 
 
-def _holds_a_lease(chunks: list[ChunkState], node: str) -> bool:
-    return any(c.lease is not None and c.lease.node == node for c in chunks)
+def _fetching(chunks: list[ChunkState], lengths: list[int]) -> list[str]:
+    """The node of each lease whose chunk is still coming from the registry."""
+    return [
+        c.lease.node
+        for c, length in zip(chunks, lengths, strict=True)
+        if c.lease is not None and c.lease.bytes_done < length
+    ]
 
 
-def _another_waits(chunks: list[ChunkState], joiners: Mapping[str, float], node: str, now: float) -> bool:
-    """Some other active joiner holds no lease and could take a free chunk."""
+def _another_waits(
+    chunks: list[ChunkState], lengths: list[int], joiners: Mapping[str, float], node: str, now: float
+) -> bool:
+    """Some other active joiner is fetching no chunk from the registry and could take a free one."""
+    fetching = _fetching(chunks, lengths)
     return any(
         other != node
         and seen > now - ACTIVE_JOINER_SECONDS
-        and not _holds_a_lease(chunks, other)
+        and other not in fetching
         and any(c.free_for(other) for c in chunks)
         for other, seen in joiners.items()
     )
@@ -261,15 +272,17 @@ def leased_chunk(state: BlobState, index: int, token: str, now: float) -> Chunk:
 
 def record_progress(
     state: BlobState, token: str, bytes_done: int, now: float, lease_seconds: float
-) -> BlobState:
-    """Extend the lease `token` only when its origin moved forward: a stuck origin loses it."""
-    for index, chunk in enumerate(state.chunks):
+) -> tuple[bool, BlobState]:
+    """Extend the lease `token` only when its origin moved forward: a stuck origin loses it. True
+    when this report says the chunk's last byte arrived: a registry slot came free."""
+    for index, (chunk, planned) in enumerate(zip(state.chunks, state.plan(), strict=True)):
         lease = chunk.lease
         if lease is not None and lease.token == token and lease.expires_at > now:
+            bytes_done = min(bytes_done, planned.length)
             if bytes_done <= lease.bytes_done:
-                return state
+                return False, state
             renewed = replace(lease, bytes_done=bytes_done, expires_at=now + lease_seconds)
-            return _with_chunk(state, index, replace(chunk, lease=renewed))
+            return bytes_done == planned.length, _with_chunk(state, index, replace(chunk, lease=renewed))
     raise LeaseLost("no live chunk lease with that token")
 
 

@@ -231,7 +231,9 @@ async def main(args: argparse.Namespace) -> None:
     layer_sizes = layer_layout(args.layers, args.size_mib * MiB)
     size = sum(layer_sizes)
     limit = size * 8 / (args.rate_mbit * 1e6)  # S/B, seconds
-    tracker_options = {"chunk_size": args.chunk_size} if args.chunk_size else {}  # main's tracker lacks it
+    tracker_options: dict[str, object] = {"chunk_size": args.chunk_size} if args.chunk_size else {}
+    if args.chunks_in_flight:
+        tracker_options["chunks_in_flight"] = args.chunks_in_flight
     started = time.monotonic()
     lab = Cluster(
         args.nodes, rate=f"{args.rate_mbit}mbit", workdir=args.workdir, startup_timeout=120,
@@ -250,12 +252,13 @@ async def main(args: argparse.Namespace) -> None:
         requests_before = await tracker_requests(cluster)
         shoal_rollout, shoal_busy = await run(cluster, images["shoal"], "shoal", True, cluster.nodes)
         requests = await tracker_requests(cluster) - requests_before
-        direct_rollout, direct_busy = await run(cluster, images["direct"], "direct", False, cluster.nodes)
-    summaries = [
-        summarize("T1", t1_rollout, t1_busy, t1, limit, None),
-        summarize("shoal", shoal_rollout, shoal_busy, t1, limit, requests),
-        summarize("direct", direct_rollout, direct_busy, t1, limit, None),
-    ]
+        summaries = [
+            summarize("T1", t1_rollout, t1_busy, t1, limit, None),
+            summarize("shoal", shoal_rollout, shoal_busy, t1, limit, requests),
+        ]
+        if not args.no_direct:
+            direct_rollout, direct_busy = await run(cluster, images["direct"], "direct", False, cluster.nodes)
+            summaries.append(summarize("direct", direct_rollout, direct_busy, t1, limit, None))
     layout = f"{len(layer_sizes)} layer(s) of {', '.join(f'{s / MiB:g}' for s in layer_sizes)} MiB"
     chunk = args.chunk_size or "default"
     title = (
@@ -297,6 +300,10 @@ if __name__ == "__main__":
         help="a count of equal layers making up S (4; 1 for one layer), or sizes: 512MiB,256MiB,256MiB",
     )  # fmt: skip
     parser.add_argument("--chunk-size", help="the tracker's chunk_size, e.g. 32MiB (default: its own)")
+    parser.add_argument("--chunks-in-flight", type=int, help="the tracker's chunks_in_flight (default 2)")
+    parser.add_argument(
+        "--no-direct", action="store_true", help="skip the N direct pulls (quicker, while tuning shoal)"
+    )
     parser.add_argument("--workdir", type=Path, help="keep the lab's logs here (default: removed)")
     parser.add_argument("--out", default="bench-rollout", help="path of the JSON and PNGs, without suffix")
     asyncio.run(main(parser.parse_args()))

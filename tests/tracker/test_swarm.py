@@ -135,13 +135,27 @@ def test_a_barred_node_never_gets_that_chunk() -> None:
 
 def test_progress_extends_a_lease_only_forward() -> None:
     _, state = join(blob(), "a", now=0)
-    moved = record_progress(state, token(state, 0), 10, now=10, lease_seconds=20)
-    assert moved.chunks[0].lease == Lease("a", token(state, 0), 30, 10)
-    assert record_progress(moved, token(state, 0), 10, now=25, lease_seconds=20) == moved
+    fetched, moved = record_progress(state, token(state, 0), 10, now=10, lease_seconds=20)
+    assert not fetched and moved.chunks[0].lease == Lease("a", token(state, 0), 30, 10)
+    assert record_progress(moved, token(state, 0), 10, now=25, lease_seconds=20) == (False, moved)
     with pytest.raises(LeaseLost):
         record_progress(moved, token(state, 0), 20, now=30, lease_seconds=20)
     with pytest.raises(LeaseLost):
         record_progress(moved, "not-a-token", 20, now=1, lease_seconds=20)
+
+
+@pytest.mark.parametrize(
+    ("reported", "fetched", "next_joiner_leases"),
+    [(MIB - 1, False, []), (MIB, True, [2]), (5 * MIB, True, [2])],  # past the end: the chunk's end
+)
+def test_a_chunk_whose_bytes_all_arrived_frees_its_registry_slot(
+    reported: int, fetched: bool, next_joiner_leases: list[int]
+) -> None:
+    _, state = join(blob(), "a", now=0)  # chunks 0 and 1: both registry slots
+    done, state = record_progress(state, token(state, 0), reported, now=1, lease_seconds=20)
+    assert done is fetched and holders(state)[0] == "a"  # the lease stays until the chunk is published
+    held, state = join(state, "b", now=2)
+    assert held == next_joiner_leases
 
 
 def test_publish_needs_the_live_lease_of_that_chunk_and_frees_it() -> None:
