@@ -20,6 +20,8 @@ from typing import Annotated, Any, TypeVar
 
 import yaml
 
+from common.ids import is_decimal
+
 T = TypeVar("T")
 
 DURATION = "duration"
@@ -50,7 +52,7 @@ def parse_duration(value: object) -> int:
     if isinstance(value, int):
         seconds = value
     else:
-        match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(value))
+        match = re.fullmatch(r"\s*([0-9]+)\s*([smhd]?)\s*", str(value))
         if not match:
             raise ValueError(f"expected seconds or a duration such as 90s, 10m, 6h, got {value!r}")
         seconds = int(match[1]) * _DURATION_UNITS[match[2] or "s"]
@@ -65,7 +67,7 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         size = value
     else:
-        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(value))
+        match = re.fullmatch(r"\s*([0-9]+)\s*([A-Za-z]*)\s*", str(value))
         if not match or match[2].lower() not in _SIZE_UNITS:
             raise ValueError(f"expected bytes or a size such as 512MiB or 50GiB, got {value!r}")
         size = int(match[1]) * _SIZE_UNITS[match[2].lower()]
@@ -78,7 +80,7 @@ def parse_address(value: object) -> tuple[str, int]:
     """`"ip:port"` (IPv6 as `"[::1]:port"`) into host and port."""
     text = str(value)
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not sep or not is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f'expected "ip:port", got {text!r}')
     host = host.removeprefix("[").removesuffix("]")
     try:

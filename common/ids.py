@@ -15,6 +15,15 @@ _REPOSITORY_MAX = 255
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def is_decimal(text: str) -> bool:
+    """Whether `text` is a non-negative integer in ASCII digits, as HTTP, URLs and YAML write one.
+
+    `str.isdigit` alone also takes other scripts' digits ("٣", which `int` reads as 3) and
+    superscripts ("²", which `int` refuses with a ValueError nobody expects there).
+    """
+    return text.isascii() and text.isdigit()
+
+
 @dataclass(frozen=True, slots=True)
 class Digest:
     """A content digest; shoal handles sha256 only, as the registry does for layers."""

@@ -96,7 +96,7 @@ async def run(config: NodeConfig) -> None:
     # endpoint goes, and the CA files are removed last.
     with ca_files(ca, config.docker_certs_dir, hosts):
         async with (
-            open_upstream(config.registries) as upstream,
+            open_upstream(config.registries, metrics) as upstream,
             admin_serving(state),
             layer_source(config, upstream, state) as source,
         ):

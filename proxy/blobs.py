@@ -14,7 +14,7 @@ from aiohttp import web
 from common.ids import Digest, Repository
 from proxy.config import NodeRegistry
 from proxy.metrics import NodeMetrics
-from proxy.upstream import Upstream, relay
+from proxy.upstream import Upstream, blob_span, relay
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ class BlobSource(Protocol):
 
 
 class UpstreamBlobSource:
-    """Every blob straight from the registry, following storage redirects itself."""
+    """Every blob straight from the registry, following storage redirects itself. The registry's
+    answer goes to the client as it is (a refusal with its own status and error body); a layer's
+    body is resumed from the offset reached when the registry fails part way."""
 
     def __init__(self, upstream: Upstream, metrics: NodeMetrics) -> None:
         self._upstream = upstream
@@ -52,8 +54,13 @@ class UpstreamBlobSource:
 
     async def serve(self, blob: BlobRequest) -> web.StreamResponse:
         request = blob.request
+        headers = request.headers.items()
         async with self._upstream.request(
-            blob.registry, request.method, blob.path_qs, request.headers.items(), follow_redirects=True
+            blob.registry, request.method, blob.path_qs, headers, follow_redirects=True
         ) as response:
+            span = blob_span(response) if request.method == "GET" else None
+            body = None
+            if span is not None:
+                body = self._upstream.read_range(blob.registry, blob.path_qs, headers, *span, response)
             layer_bytes = response.status in (200, 206)
-            return await relay(request, response, self._counted if layer_bytes else None)
+            return await relay(request, response, self._counted if layer_bytes else None, body)

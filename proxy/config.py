@@ -9,13 +9,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from common.config import Address, Duration, Size, Url, parse_address
-from common.ids import NodeId
+from common.ids import NodeId, is_decimal
 
 
 def split_host_port(text: str) -> tuple[str, int]:
     """`"name:port"` or `"[v6]:port"` into a lowercase host and a port; raises ValueError."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    if not sep or not host or not is_decimal(port) or not 0 < int(port) <= 65535:
         raise ValueError(f'expected "host:port", got {text[:100]!r}')
     if host.startswith("[") != host.endswith("]") or "/" in host or any(c.isspace() for c in host):
         raise ValueError(f'expected "host:port", got {text[:100]!r}')

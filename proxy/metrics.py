@@ -36,6 +36,11 @@ class NodeMetrics:
             "Times a layer response went on from the registry because the swarm could not, by reason",
             ["reason"], registry=self.registry,
         )  # fmt: skip
+        self.registry_retries = Counter(
+            "shoal_registry_retries_total",
+            "Times the rest of a layer was asked for again after the registry failed part way",
+            registry=self.registry,
+        )  # fmt: skip
         self.upstream_errors = Counter(
             "shoal_proxy_upstream_errors_total",
             "Registry requests that failed before or while streaming the response",

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from common.certs import key_pem, make_csr, new_key
 from common.chunks import chunks_in
-from common.ids import Digest, NodeId
+from common.ids import Digest, NodeId, is_decimal
 from common.tasks import spawn
 from peer.cache import Credentials, DigestMismatch
 from peer.engine import Peer
@@ -37,7 +37,7 @@ from proxy.config import NodeConfig
 from proxy.fetch import BlobFetch, Chunks, RegistryRange, Unavailable
 from proxy.metrics import NodeMetrics
 from proxy.routing import without
-from proxy.upstream import CHUNK, Upstream, UpstreamBroken
+from proxy.upstream import Upstream, UpstreamBroken
 from tracker.client import TrackerClient, TrackerRefused, TrackerUnavailable
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     unit, _, spec = header.partition("=")
     first, dash, last = spec.strip().partition("-")
-    if unit.strip() != "bytes" or not dash or not first.isdigit() or (last and not last.isdigit()):
+    if unit.strip() != "bytes" or not dash or not is_decimal(first) or (last and not is_decimal(last)):
         raise ValueError(f"unsupported range {header[:40]!r}")
     start, end = int(first), min(int(last) + 1, size) if last else size
     if start >= end:
@@ -211,23 +211,11 @@ class P2PBlobSource:
                         yield data
 
     def _registry_range(self, blob: BlobRequest) -> RegistryRange:
-        async def fetch(start: int, end: int) -> AsyncIterator[bytes]:
-            headers = without(blob.request.headers.items(), "Range")
-            headers.append(("Range", f"bytes={start}-{end - 1}"))
-            async with self._upstream.request(
-                blob.registry, "GET", blob.path_qs, headers, follow_redirects=True
-            ) as response:
-                if response.status not in (200, 206):
-                    raise UpstreamBroken(f"registry answered {response.status} to a range request")
-                skip = start if response.status == 200 else 0  # a registry that ignored Range
-                async for chunk in response.content.iter_chunked(CHUNK):
-                    if skip:
-                        dropped, skip = min(skip, len(chunk)), max(0, skip - len(chunk))
-                        chunk = chunk[dropped:]
-                    if chunk:
-                        yield chunk
-
-        return fetch
+        """The registry's bytes of the blob with this client's credential, resumed after failures:
+        every registry read of the swarm path (a fallback, a stalled chunk's refill, this node's
+        own chunk download) goes through it."""
+        headers = list(blob.request.headers.items())
+        return lambda start, end: self._upstream.read_range(blob.registry, blob.path_qs, headers, start, end)
 
     # fetches: one per blob, whoever asks
 

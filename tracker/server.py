@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from common import errors
 from common.certs import CertificateAuthority, cert_pem, issue_peer_cert, load_csr
 from common.errors import ApiError
-from common.ids import Digest, InfoHash, NodeId, Repository
+from common.ids import Digest, InfoHash, NodeId, Repository, is_decimal
 from common.logs import access_log_middleware
 from tracker.announce import (
     KEY_PARAM,
@@ -279,7 +279,7 @@ async def put_chunk_torrent(request: web.Request) -> web.Response:
     tracker = request.app[TRACKER]
     digest = _digest(request)
     raw_index = request.match_info["index"]
-    if not raw_index.isdigit() or len(raw_index) > 9:
+    if not is_decimal(raw_index) or len(raw_index) > 9:
         raise ApiError(errors.BAD_REQUEST, "chunk index must be a non-negative integer")
     index = int(raw_index)
     token = request.headers.get(LEASE_HEADER, "")

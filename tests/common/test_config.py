@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from common.config import (
     Size,
     load_config,
     load_yaml,
+    parse_address,
     parse_duration,
     parse_size,
 )
@@ -48,6 +50,20 @@ def test_sizes(text: object, size: int) -> None:
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("parse", "text"),
+    [
+        # Arabic-Indic 3 and 80, superscript 2, fullwidth 1
+        (parse_duration, "\u0663s"), (parse_duration, "\u00b2"),
+        (parse_size, "\u0663MiB"), (parse_size, "\uff11GB"),
+        (parse_address, "127.0.0.1:\u0668\u0660"), (parse_address, "127.0.0.1:\u00b2"),
+    ],
+)  # fmt: skip
+def test_digits_are_ascii_only(parse: Callable[[object], object], text: str) -> None:
+    with pytest.raises(ValueError, match="expected"):
+        parse(text)
 
 
 def test_load_fills_nested_dataclasses() -> None:

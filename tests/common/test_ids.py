@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.ids import Digest, NodeId, Repository
+from common.ids import Digest, NodeId, Repository, is_decimal
 
 HEX = "a" * 64
 
@@ -35,6 +35,19 @@ def test_bad_repositories(bad: str) -> None:
 def test_bad_node_ids(bad: str) -> None:
     with pytest.raises(ValueError):
         NodeId.parse(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "decimal"),
+    [
+        ("0", True), ("0042", True), ("65535", True),
+        ("", False), ("-1", False), ("+1", False), (" 1", False), ("1_000", False), ("1.5", False),
+        # Arabic-Indic 3, Devanagari 12, fullwidth 1, superscript 2: str.isdigit takes them all
+        ("\u0663", False), ("\u0967\u0968", False), ("\uff11", False), ("\u00b2", False), ("1\u00b2", False),
+    ],
+)  # fmt: skip
+def test_is_decimal_takes_ascii_digits_only(text: str, decimal: bool) -> None:
+    assert is_decimal(text) is decimal
 
 
 @given(st.text())

@@ -65,6 +65,7 @@ def test_registry_defaults() -> None:
         ({"log_level": "loud"}, "log_level"),
         ({"registries": [{"host": "no-port"}]}, "registries[0]"),
         ({"registries": [{"host": "a:1"}, {"host": "b:x"}]}, "registries[1]"),
+        ({"registries": [{"host": "a:\u0665\u0660\u0660\u0660"}]}, "registries[0]"),  # Arabic-Indic 5000
         ({"registries": [{"host": "a:1", "insecure": "yes"}]}, "registries[0].insecure"),
         ({"registries": [{"host": "a:1", "url": "a:1"}]}, "registries[0].url"),
         ({"registries": [{"host": "a:1", "url": "https://a:1/prefix"}]}, "registries[0]"),

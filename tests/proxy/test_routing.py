@@ -194,8 +194,14 @@ def test_ranges_the_node_serves_itself(header: str | None, expected: tuple[int, 
 
 
 @pytest.mark.parametrize(
-    "header", ["bytes=100-", "bytes=5-1", "bytes=-10", "bytes=0-1,5-6", "items=0-1", "bytes=x-"]
-)
+    "header",
+    [
+        "bytes=100-", "bytes=5-1", "bytes=-10", "bytes=0-1,5-6", "items=0-1", "bytes=x-",
+        "bytes=+1-", "bytes=1_0-",
+        # digits of other scripts, which str.isdigit takes: Arabic-Indic, superscript, fullwidth
+        "bytes=\u0660-\u0669", "bytes=0-\u0669", "bytes=\u00b2-", "bytes=\uff11-\uff12",
+    ],
+)  # fmt: skip
 def test_other_ranges_are_left_to_the_registry(header: str) -> None:
     with pytest.raises(ValueError):
         parse_range(header, 100)

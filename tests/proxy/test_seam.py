@@ -45,8 +45,9 @@ class FixedBlobs:
 async def proxy_in_process(config: NodeConfig, blobs: FixedBlobs) -> AsyncIterator[ssl.SSLContext]:
     ca = node_ca(config.node_id)
     with ca_files(ca, config.docker_certs_dir, [r.host for r in config.registries]) as written:
-        async with open_upstream(config.registries) as upstream:
-            proxy = ProxyServer(config, LeafContexts(ca), upstream, blobs, NodeMetrics())
+        metrics = NodeMetrics()
+        async with open_upstream(config.registries, metrics) as upstream:
+            proxy = ProxyServer(config, LeafContexts(ca), upstream, blobs, metrics)
             async with proxy.serving():
                 yield ssl.create_default_context(cafile=str(written[0]))
 

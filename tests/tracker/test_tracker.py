@@ -243,6 +243,8 @@ async def test_malformed_requests_get_400_oci_errors(lab: Lab, tracker: RunningT
             ("POST", f"{a}/sync", {"key": swarm.key, "known": [], "wait": "long"}),
             ("POST", f"{a}/progress", {"lease": token(swarm, 0), "bytes": -1}),
             ("PUT", f"{a}/chunks/x/torrent", ""),
+            ("PUT", f"{a}/chunks/%D9%A3/torrent", ""),  # an Arabic-Indic 3
+            ("PUT", f"{a}/chunks/%C2%B2/torrent", ""),  # a superscript 2
             ("PUT", f"{a}/chunks/0/torrent", "not bencode"),
             ("POST", f"{a}/report", {"reason": "boredom", "key": swarm.key}),
         ]:  # fmt: skip
