@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.ids import Digest, NodeId
@@ -25,6 +26,10 @@ from common.ids import Digest, NodeId
 BACKDATE = dt.timedelta(minutes=5)
 CA_LIFETIME = dt.timedelta(days=3650)
 MIN_RSA_BITS = 2048
+# The exponent every key generator uses, so the only one allowed. A small one (e = 3) lets a
+# signature be forged for any verifier that checks PKCS #1 v1.5 padding loosely (Bleichenbacher
+# 2006; again in NSS in 2014 and python-rsa in 2016); a huge one makes every verification slow.
+RSA_EXPONENT = 65537
 NODE_URI_PREFIX = "urn:shoal:node:"
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -87,8 +92,17 @@ def new_ca(common_name: str) -> CertificateAuthority:
     return CertificateAuthority(cert, key)
 
 
+def check_rsa_key(public: rsa.RSAPublicKey) -> None:
+    """Refuse an RSA key that is short enough to factor or has an exponent other than 65537."""
+    if public.key_size < MIN_RSA_BITS:
+        raise ValueError(f"RSA key of {public.key_size} bits; at least {MIN_RSA_BITS}")
+    exponent = public.public_numbers().e
+    if exponent != RSA_EXPONENT:
+        raise ValueError(f"RSA public exponent {exponent}; only {RSA_EXPONENT} is allowed")
+
+
 def load_csr(pem: str) -> x509.CertificateSigningRequest:
-    """Parse a CSR and check it: valid self-signature, EC P-256 or RSA >= 2048 bits."""
+    """Parse a CSR and check it: valid self-signature, EC P-256 or RSA >= 2048 bits with e = 65537."""
     try:
         csr = x509.load_pem_x509_csr(pem.encode())
     except ValueError:
@@ -100,8 +114,7 @@ def load_csr(pem: str) -> x509.CertificateSigningRequest:
         if not isinstance(public.curve, ec.SECP256R1):
             raise ValueError(f"csr key curve {public.curve.name} not allowed; use P-256")
     elif isinstance(public, rsa.RSAPublicKey):
-        if public.key_size < MIN_RSA_BITS:
-            raise ValueError(f"csr RSA key of {public.key_size} bits; at least {MIN_RSA_BITS}")
+        check_rsa_key(public)
     else:
         raise ValueError("csr key must be EC P-256 or RSA")
     return csr
@@ -147,6 +160,7 @@ def issue_peer_cert(
             ),
             critical=False,
         )
+        .add_extension(_tls_key_usage(public), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
@@ -156,6 +170,23 @@ def issue_peer_cert(
         )
         .sign(ca.key, hashes.SHA256())
     )
+
+
+def _tls_key_usage(public: CertificatePublicKeyTypes) -> x509.KeyUsage:
+    """What a TLS leaf's key does, and nothing more (RFC 5280 4.2.1.3, critical as RFC 5280 advises).
+
+    digitalSignature: the key signs the handshake (TLS 1.3 CertificateVerify, TLS 1.2 ECDHE key
+    exchange). OpenSSL, which libtorrent links, offers no ECDSA cipher suite for a certificate
+    without it, and its TLS client purpose wants it (or keyAgreement, which a signing key lacks).
+    keyEncipherment only for RSA, the key TLS 1.2's RSA key transport encrypts to (RFC 5246
+    7.4.2); an EC key cannot encipher (RFC 5480 3).
+    """
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False,
+        key_encipherment=isinstance(public, rsa.RSAPublicKey), data_encipherment=False,
+        key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False,
+        decipher_only=False,
+    )  # fmt: skip
 
 
 def issue_server_cert(
@@ -183,6 +214,7 @@ def issue_server_cert(
         .not_valid_after(issued + BACKDATE + lifetime)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(_tls_key_usage(key.public_key()), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False

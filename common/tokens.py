@@ -10,9 +10,7 @@ The precise reason for a refusal is logged; callers learn only which kind of ref
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
-import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +18,18 @@ from typing import Any
 
 import jwt
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
+from common.certs import check_rsa_key
 from common.ids import Repository
 
 logger = logging.getLogger(__name__)
@@ -55,11 +62,35 @@ def libtrust_key_id(cert: x509.Certificate) -> str:
     return ":".join(encoded[i : i + 4] for i in range(0, len(encoded), 4))
 
 
+def _issuer_key_usage(policy: Policy, cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
+    """RFC 5280 6.1.4 (n): an issuer's keyUsage, when present, must allow keyCertSign. The web PKI
+    defaults demand the extension; Go's crypto/x509 does not, and neither do root certificates
+    made with openssl's default `v3_ca` or the lab's token issuer."""
+    if usage is not None and not usage.key_cert_sign:
+        raise ValueError("issuer keyUsage lacks keyCertSign")
+
+
+# Issuers (trusted roots included) get the web PKI rules: basicConstraints critical with cA, pathLen,
+# validity, RSA >= 2048 and modern signature algorithms; keyUsage as `_issuer_key_usage` says.
+# That is stricter than Go only where RFC 5280 says MUST (a critical basicConstraints, keyCertSign).
+# The signing certificate gets no extension rules: distribution verifies x5c with Go's
+# crypto/x509 and ExtKeyUsageAny, so a registry's token certificate needs no EKU, SAN or AKI, and
+# is often a self-signed CA certificate from the bundle itself. Its validity is still checked.
+_ISSUER_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(
+    x509.KeyUsage, Criticality.AGNOSTIC, _issuer_key_usage
+)
+_SIGNER_POLICY = ExtensionPolicy.permit_all()
+
+
 class TokenVerifier:
     def __init__(self, trusted: Sequence[x509.Certificate], issuer: str, service: str):
         if not trusted:
             raise ValueError("no token signing certificates")
-        self._trusted = list(trusted)
+        self._chains = (
+            PolicyBuilder()
+            .store(Store(list(trusted)))
+            .extension_policies(ca_policy=_ISSUER_POLICY, ee_policy=_SIGNER_POLICY)
+        )  # each build_client_verifier() takes the time of that call
         self._by_kid = {libtrust_key_id(cert): cert for cert in trusted}
         self._issuer = issuer
         self._service = service
@@ -79,6 +110,8 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
             key = self._signing_cert(header).public_key()
+            if isinstance(key, rsa.RSAPublicKey):
+                check_rsa_key(key)  # PyJWT only warns about a short key, and takes any exponent
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key=key,  # type: ignore[arg-type]
@@ -111,35 +144,11 @@ class TokenVerifier:
             chain = [x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c]
         except ValueError as exc:
             raise InvalidToken(f"x5c certificate unreadable: {exc}") from None
-        now = dt.datetime.now(dt.UTC)
-        for cert in chain:
-            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-                raise InvalidToken("x5c certificate outside its validity period")
-        for child, parent in itertools.pairwise(chain):
-            _check_issued_by(child, parent)
-        top = chain[-1]
-        if top in self._trusted:
-            return chain[0]
-        for root in self._trusted:
-            try:
-                _check_issued_by(top, root)
-            except InvalidToken:
-                continue
-            return chain[0]
-        raise InvalidToken("x5c chain does not end at a trusted token certificate")
-
-
-def _check_issued_by(child: x509.Certificate, parent: x509.Certificate) -> None:
-    try:
-        constraints = parent.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        raise InvalidToken("x5c issuer is not a CA certificate") from None
-    if not constraints.ca:
-        raise InvalidToken("x5c issuer is not a CA certificate")
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
-        raise InvalidToken("x5c certificate not signed by the next in chain") from None
+        try:
+            self._chains.build_client_verifier().verify(chain[0], chain[1:])
+        except VerificationError as exc:
+            raise InvalidToken(f"x5c chain refused: {exc}") from None
+        return chain[0]
 
 
 def _grants(access: Any, repository: str, action: str) -> bool:

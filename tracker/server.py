@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import json
 import logging
 import re
 import secrets
@@ -66,6 +67,7 @@ from tracker.verify import registry_roots
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 1024 * 1024  # metainfo of a large chunk: 32 bytes of piece layer per piece
+MAX_JSON_BODY = 8 * 1024 * 1024  # the largest, a sync listing MAX_KNOWN info hashes, takes 4.4 MB
 REPORT_REASONS = ("digest_mismatch", "bad_peer")
 BENCODE = "text/plain"
 # How often a long-poll re-reads the blob's version: other replicas' changes (through Redis) reach
@@ -495,10 +497,18 @@ def _digest(request: web.Request) -> Digest:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object. Its size is checked before parsing, as a megabyte of `[{},…`
+    parses into 25 MB of objects. Nesting deeper than the parser's recursion limit is malformed
+    input like any other, not an internal error."""
+    raw = await request.read()
+    if len(raw) > MAX_JSON_BODY:
+        raise ApiError(errors.BAD_REQUEST, f"JSON body larger than {MAX_JSON_BODY} bytes")
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except ValueError:
         raise ApiError(errors.BAD_REQUEST, "body must be JSON") from None
+    except RecursionError:
+        raise ApiError(errors.BAD_REQUEST, "JSON body nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(errors.BAD_REQUEST, "body must be a JSON object")
     return body

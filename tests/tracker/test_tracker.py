@@ -6,6 +6,7 @@ import asyncio
 import base64
 import datetime as dt
 import hashlib
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from tests.conftest import USERS
 from tests.tracker.harness import RunningTracker, redis_server, run_tracker, tracker_config
 from tests.tracker.torrents import make_metainfo
 from tracker.client import Swarm, TrackerClient, TrackerRefused
+from tracker.server import MAX_JSON_BODY
 
 REPO_A, REPO_B = "team/app-a", "team/app-b"
 NODE = NodeId.parse("node-1")
@@ -233,6 +235,9 @@ async def test_malformed_requests_get_400_oci_errors(lab: Lab, tracker: RunningT
         for method, path, body in [
             ("POST", "sha256:xyz/join", {}),
             ("POST", f"{a}/join", "not json"),
+            ("POST", f"{a}/join", "[" * 100_000),
+            ("POST", f"{a}/sync", '{"a":' * 100_000),
+            ("POST", f"{a}/sync", json.dumps({"key": "k" * MAX_JSON_BODY})),
             ("POST", f"{a}/join", {"registry": lab.registry.host, "repository": REPO_A, "node": "n",
                                    "csr": bad_sig}),
             ("POST", f"{a}/join", {"registry": "elsewhere:5000", "repository": REPO_A, "node": "n",
@@ -248,7 +253,9 @@ async def test_malformed_requests_get_400_oci_errors(lab: Lab, tracker: RunningT
             ("PUT", f"{a}/chunks/0/torrent", "not bencode"),
             ("POST", f"{a}/report", {"reason": "boredom", "key": swarm.key}),
         ]:  # fmt: skip
-            data = body if isinstance(body, str) else None
+            data = (
+                io.BytesIO(body.encode()) if isinstance(body, str) else None
+            )  # a stream: aiohttp warns of large bytes
             headers = {"Authorization": lab.pull(), "Shoal-Lease": token(swarm, 0)}
             async with session.request(
                 method, f"{tracker.url}/v1/blobs/{path}", ssl=tracker.ssl_context(),
