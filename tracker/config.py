@@ -56,6 +56,10 @@ class TrackerConfig:
     # Chunks of one blob leased at once: the registry serves at most this many in parallel, so its
     # bytes leave roughly in order and the first chunks are published early.
     chunks_in_flight: int = 2
+    # A node fetching a chunk of a blob gets a second one at once only this long after the first:
+    # the nodes of a rollout join within a second or so, and the first of them must not take every
+    # chunk the registry may send at once (all onto its one downlink) while the others find none.
+    lone_grace: Duration = 1
     announce_interval: Duration = 30
     upstream_timeout: Duration = 10
     basic_auth_cache: Duration = 60  # how long a registry's "yes" to Basic credentials is reused

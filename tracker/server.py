@@ -92,7 +92,9 @@ class Tracker:
     @property
     def rules(self) -> Rules:
         config = self.config
-        return Rules(config.origin_lease, config.chunks_in_flight, config.announce_interval)
+        return Rules(
+            config.origin_lease, config.chunks_in_flight, config.announce_interval, config.lone_grace
+        )
 
 
 TRACKER = web.AppKey("tracker", Tracker)
@@ -200,7 +202,8 @@ async def sync(request: web.Request) -> web.Response:
         fresh, withdrawn = news(state, known)
         if fresh or withdrawn or seen.granted:
             break
-        changed = await _changed(tracker, digest, version, next_expiry(state), deadline)
+        expiry = next_expiry(state, time.time(), tracker.rules)
+        changed = await _changed(tracker, digest, version, expiry, deadline)
         if changed is None:
             break
         version, swarm = changed, None  # a dead swarm is judged once per call, not per re-check

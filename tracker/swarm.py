@@ -35,6 +35,7 @@ class Lease:
     token: str
     expires_at: float
     bytes_done: int = 0
+    granted_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class Rules:
     lease_seconds: float  # `origin_lease`
     chunks_in_flight: int
     announce_interval: float
+    lone_grace: float  # a node's next chunk of a blob at once comes this long after its last
 
 
 @dataclass(frozen=True)
@@ -218,9 +220,10 @@ def _grant(
     state: BlobState, node: str, now: float, rules: Rules, new_token: Callable[[], str]
 ) -> tuple[list[int], BlobState]:
     """Lease `node` the lowest-index free chunks while fewer than `chunks_in_flight` are still
-    coming from the registry, but never a second one while another active joiner that could take a
-    chunk is fetching none. A lease whose bytes have all arrived (its origin hashes and publishes
-    the chunk) no longer counts: the registry's link goes on to the next chunk meanwhile."""
+    coming from the registry. A node already fetching one gets another only when no other active
+    joiner that could take a chunk is fetching none, and `lone_grace` after its newest lease. A
+    lease whose bytes have all arrived (its origin hashes and publishes the chunk) no longer
+    counts: the registry's link goes on to the next chunk meanwhile."""
     chunks = list(state.chunks)
     lengths = [chunk.length for chunk in state.plan()]
     granted: list[int] = []
@@ -228,12 +231,20 @@ def _grant(
         free = [i for i, c in enumerate(chunks) if c.free_for(node)]
         if not free:
             break
-        if node in _fetching(chunks, lengths) and _another_waits(chunks, lengths, state.joiners, node, now):
+        if node in _fetching(chunks, lengths) and (
+            _another_waits(chunks, lengths, state.joiners, node, now)
+            or _newest_grant(chunks, node) > now - rules.lone_grace
+        ):
             break
-        index = free[0]
-        chunks[index] = replace(chunks[index], lease=Lease(node, new_token(), now + rules.lease_seconds))
-        granted.append(index)
+        lease = Lease(node, new_token(), now + rules.lease_seconds, granted_at=now)
+        chunks[free[0]] = replace(chunks[free[0]], lease=lease)
+        granted.append(free[0])
     return granted, replace(state, chunks=tuple(chunks)) if granted else state
+
+
+def _newest_grant(chunks: list[ChunkState], node: str) -> float:
+    granted = [c.lease.granted_at for c in chunks if c.lease is not None and c.lease.node == node]
+    return max(granted, default=0.0)
 
 
 def _fetching(chunks: list[ChunkState], lengths: list[int]) -> list[str]:
@@ -329,9 +340,12 @@ def apply_verdicts(state: BlobState, verdicts: Mapping[int, tuple[str, bool]]) -
     return withdrawn, replace(state, chunks=tuple(chunks))
 
 
-def next_expiry(state: BlobState) -> float | None:
-    """When the earliest lease runs out: a long-poll re-decides then, since a chunk may come free."""
-    return min((c.lease.expires_at for c in state.chunks if c.lease is not None), default=None)
+def next_expiry(state: BlobState, now: float, rules: Rules) -> float | None:
+    """When a long-poll re-decides without news: the earliest lease runs out (a chunk may come
+    free), or a lease's `lone_grace` ends (its node may take another)."""
+    leases = [c.lease for c in state.chunks if c.lease is not None]
+    graces = [lease.granted_at + rules.lone_grace for lease in leases]
+    return min([lease.expires_at for lease in leases] + [t for t in graces if t > now], default=None)
 
 
 def _with_chunk(state: BlobState, index: int, chunk: ChunkState) -> BlobState:

@@ -234,10 +234,11 @@ async def main(args: argparse.Namespace) -> None:
     tracker_options: dict[str, object] = {"chunk_size": args.chunk_size} if args.chunk_size else {}
     if args.chunks_in_flight:
         tracker_options["chunks_in_flight"] = args.chunks_in_flight
+    node_options = {"origin_connections": args.origin_connections} if args.origin_connections else {}
     started = time.monotonic()
     lab = Cluster(
         args.nodes, rate=f"{args.rate_mbit}mbit", workdir=args.workdir, startup_timeout=120,
-        tracker_options=tracker_options,
+        tracker_options=tracker_options, node_options=node_options,
     )  # fmt: skip
     async with lab as cluster:
         print(
@@ -301,6 +302,7 @@ if __name__ == "__main__":
     )  # fmt: skip
     parser.add_argument("--chunk-size", help="the tracker's chunk_size, e.g. 32MiB (default: its own)")
     parser.add_argument("--chunks-in-flight", type=int, help="the tracker's chunks_in_flight (default 2)")
+    parser.add_argument("--origin-connections", type=int, help="the nodes' origin_connections (default 2)")
     parser.add_argument(
         "--no-direct", action="store_true", help="skip the N direct pulls (quicker, while tuning shoal)"
     )

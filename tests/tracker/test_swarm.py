@@ -31,7 +31,9 @@ from tracker.swarm import (
 )
 
 MIB = 2**20
-RULES = Rules(lease_seconds=20, chunks_in_flight=2, announce_interval=30)
+LONE_GRACE = 1.0
+RULES = Rules(lease_seconds=20, chunks_in_flight=2, announce_interval=30, lone_grace=0)
+GRACE = Rules(lease_seconds=20, chunks_in_flight=2, announce_interval=30, lone_grace=LONE_GRACE)
 ALIVE = SwarmView([], complete=1, incomplete=0)
 DEAD = SwarmView([], complete=0, incomplete=0)
 
@@ -72,19 +74,27 @@ def test_start_plans_the_chunks_once() -> None:
 
 
 @pytest.mark.parametrize(
-    ("in_flight", "chunks", "leased"),
-    [(2, 4, [0, 1]), (1, 4, [0]), (3, 4, [0, 1, 2]), (5, 3, [0, 1, 2])],
+    ("in_flight", "chunks", "at", "leased"),
+    [
+        (2, 4, [0], [0]),  # one at first: others of a rollout join within LONE_GRACE
+        (2, 4, [0, 0.5], [0]),
+        (2, 4, [0, LONE_GRACE], [0, 1]),
+        (1, 4, [0, LONE_GRACE], [0]),
+        (3, 4, [0, 1, 2, 3], [0, 1, 2]),
+        (5, 3, [0, 1, 2, 3], [0, 1, 2]),
+    ],
 )
-def test_a_lone_joiner_gets_up_to_chunks_in_flight_leases(
-    in_flight: int, chunks: int, leased: list[int]
+def test_a_lone_joiner_takes_one_more_chunk_each_grace_up_to_chunks_in_flight(
+    in_flight: int, chunks: int, at: list[float], leased: list[int]
 ) -> None:
-    rules = Rules(20, in_flight, 30)
-    held, _ = join(blob(chunks), "a", now=0, rules=rules)
+    rules, state = Rules(20, in_flight, 30, LONE_GRACE), blob(chunks)
+    for now in at:
+        held, state = join(state, "a", now=now, rules=rules)
     assert held == leased
 
 
 def test_two_active_joiners_get_one_each_lowest_first_and_a_third_waits() -> None:
-    _, state = join(blob(), "b", now=0, rules=Rules(20, 0 + 1, 30))  # b active, holding chunk 0
+    _, state = join(blob(), "b", now=0, rules=Rules(20, 0 + 1, 30, 0))  # b active, holding chunk 0
     state = publish(state, 0, token(state, 0), b"meta", "00" * 20, now=1)  # ...and done with it
     held_a, state = join(state, "a", now=2)
     assert held_a == [1]  # not [1, 2]: b is active and holds nothing
@@ -106,12 +116,26 @@ def test_a_second_lease_once_other_joiners_hold_one_or_went_quiet() -> None:
 
 
 def test_an_inactive_joiner_does_not_hold_back_a_second_lease() -> None:
-    _, state = join(blob(), "b", now=0, rules=Rules(20, 1, 30))
+    _, state = join(blob(), "b", now=0, rules=Rules(20, 1, 30, 0))
     state = publish(state, 0, token(state, 0), b"meta", "00" * 20, now=1)
     held, _ = join(state, "a", now=2)
     assert held == [1]
     held, _ = join(state, "a", now=1 + ACTIVE_JOINER_SECONDS)
     assert held == [1, 2]
+
+
+def test_the_first_of_many_joiners_takes_one_chunk_not_all() -> None:
+    rules = Rules(20, 4, 30, LONE_GRACE)
+    _, state = join(blob(), "a", now=0, rules=rules)
+    for node, now in [("b", 0.2), ("c", 0.4), ("a", 0.6), ("d", 0.8)]:
+        _, state = join(state, node, now=now, rules=rules)
+    assert holders(state) == {0: "a", 1: "b", 2: "c", 3: "d"}
+
+
+def test_a_long_poll_re_decides_when_a_grace_ends() -> None:
+    _, state = join(blob(), "a", now=0, rules=GRACE)
+    assert next_expiry(state, now=0.5, rules=GRACE) == LONE_GRACE
+    assert next_expiry(state, now=LONE_GRACE, rules=GRACE) == 20  # over: the lease's expiry
 
 
 def test_expiry_frees_a_chunk_for_another_joiner() -> None:
@@ -121,7 +145,7 @@ def test_expiry_frees_a_chunk_for_another_joiner() -> None:
     assert held == []
     held, state = join(state, "b", now=20)  # origin_lease passed without progress
     assert held == [0] and holders(state) == {0: "b"}
-    assert next_expiry(state) == 40
+    assert next_expiry(state, now=20, rules=RULES) == 40
 
 
 def test_a_barred_node_never_gets_that_chunk() -> None:

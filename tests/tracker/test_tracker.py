@@ -100,7 +100,9 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
 
 
 def config_for(lab: Lab, work: Path, **overrides: Any) -> dict[str, Any]:
-    return tracker_config(work, lab.tls_ca, [lab.registry_entry()], chunk_size="1MiB") | overrides
+    # No lone_grace: a lone joiner takes chunks_in_flight leases at once, which most tests build on.
+    config = tracker_config(work, lab.tls_ca, [lab.registry_entry()], chunk_size="1MiB", lone_grace=0)
+    return config | overrides
 
 
 @pytest_asyncio.fixture(loop_scope="module")
