@@ -17,7 +17,11 @@ to `<out>-timeline.png`.
 
     python3 tests/bench/rollout.py [--nodes 8] [--rate-mbit 200] [--size-mib 1024]
                                    [--layers 4 | --layers 1 | --layers 512MiB,256MiB,256MiB]
-                                   [--chunk-size 32MiB] [--out bench-rollout]
+                                   [--chunk-size 32MiB] [--chunks-in-flight 2]
+                                   [--origin-connections 2] [--no-direct] [--out bench-rollout]
+
+`--no-direct` skips the N direct pulls: they take N x S/B (the registry's link carries N copies),
+which at N = 16 is over ten minutes of a run that says nothing new about shoal.
 
 Needs root, the lab's packages (`bash deploy/local/install.sh bench`).
 """
