@@ -8,6 +8,7 @@ connection is a TLS handshake. Private keys never leave memory except through `w
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -118,6 +119,13 @@ def load_csr(pem: str) -> x509.CertificateSigningRequest:
     else:
         raise ValueError("csr key must be EC P-256 or RSA")
     return csr
+
+
+def key_id(public: CertificatePublicKeyTypes) -> str:
+    """Hex SHA-256 of the key's DER SubjectPublicKeyInfo: what the tracker knows a joiner by, as
+    only the key's holder can sign a CSR for it (a node id is a name anyone may give)."""
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 def make_csr(key: PrivateKey) -> str:

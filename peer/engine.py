@@ -135,6 +135,11 @@ class ChunkedBlob:
             for chunk in self.chunks
         )
 
+    def uploaded(self) -> int:
+        """Bytes sent to peers, over all chunks, as an announce's `uploaded` reports them: the
+        tracker names peers that serve before those that do not."""
+        return sum(status.uploaded for status in self.status())
+
     def complete(self) -> bool:
         """In the cache: every chunk finished and the whole digest matched."""
         done = self._completed

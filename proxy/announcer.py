@@ -62,7 +62,9 @@ class Announcer:
         """One announce per blob, not per chunk torrent: the tracker keeps peers per blob."""
         try:
             left = blob.left()
-            answer = await self._tracker.announce(blob.announce, blob.digest.swarm_id, self._peer.port, left)
+            answer = await self._tracker.announce(
+                blob.announce, blob.digest.swarm_id, self._peer.port, left, blob.uploaded()
+            )
         except (TrackerUnavailable, TrackerRefused, PeerError) as exc:
             logger.warning("announce failed: %s", exc, extra={"digest": str(blob.digest)})
             self._schedule.failed(blob.digest, time.monotonic())

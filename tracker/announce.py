@@ -15,7 +15,7 @@ from urllib.parse import unquote_to_bytes
 
 from common import bencoding
 from common.ids import InfoHash, NodeId
-from tracker.swarm import SwarmView
+from tracker.swarm import Member, SwarmView
 
 KEY_PARAM = "shoal_key"  # BEP 3 already has a `key` parameter, chosen by the client
 DEFAULT_NUMWANT = 50
@@ -28,6 +28,7 @@ class AnnounceRequest:
     info_hash: InfoHash
     port: int
     left: int
+    uploaded: int
     event: str
     numwant: int
     key: str
@@ -58,6 +59,7 @@ def parse_announce(query: str) -> AnnounceRequest:
         info_hash=info_hash,
         port=port,
         left=_integer(params, "left", None),
+        uploaded=_integer(params, "uploaded", 0),
         event=event,
         numwant=numwant,
         key=_one(params, KEY_PARAM, b"").decode("ascii", "replace"),
@@ -89,28 +91,35 @@ def _integer(params: dict[str, list[bytes]], name: str, default: int | None) -> 
 
 
 class AnnounceKeys:
-    """Keys that bind an announce to one node, one info-hash and an expiry, signed by HMAC.
+    """Keys that bind an announce to one member (node id and joining key), one info-hash and an
+    expiry, signed by HMAC.
 
-    Format `<node>~<info-hash hex>~<expiry>~<mac>`: "~" never occurs in node ids or hex.
+    Format `<node>~<key id>~<info-hash hex>~<expiry>~<mac>`: "~" never occurs in node ids or hex.
     """
 
     def __init__(self, secret: bytes):
         self._secret = secret
 
-    def sign(self, node: NodeId, info_hash: InfoHash, expires_at: int) -> str:
-        payload = f"{node}~{info_hash.hex}~{expires_at}"
+    def sign(self, member: Member, info_hash: InfoHash, expires_at: int) -> str:
+        payload = f"{member}~{info_hash.hex}~{expires_at}"
         return f"{payload}~{self._mac(payload)}"
 
-    def verify(self, key: str, info_hash: InfoHash, now: float) -> NodeId:
+    def verify(self, key: str, info_hash: InfoHash, now: float) -> Member:
         payload, _, mac = key.rpartition("~")
         if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
             raise ValueError("announce key signature invalid")
-        node, hash_hex, expires_at = payload.split("~")
+        parts = payload.split("~")
+        if len(parts) == 3:
+            # Signed before members: `<node>~<hash>~<expiry>`. It stays valid until it expires
+            # (`peer_cert_ttl`), so that nodes seeding from their cache keep announcing across a
+            # tracker upgrade, as the member "<node>~", which no join makes.
+            parts.insert(1, "")
+        node, key_id, hash_hex, expires_at = parts
         if hash_hex != info_hash.hex:
             raise ValueError("announce key is for another torrent")
         if int(expires_at) <= now:
             raise ValueError("announce key expired")
-        return NodeId.parse(node)
+        return Member(NodeId.parse(node), key_id)
 
     def _mac(self, payload: str) -> str:
         return hmac.new(self._secret, payload.encode(), hashlib.sha256).hexdigest()[:32]

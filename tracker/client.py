@@ -218,10 +218,17 @@ class TrackerClient:
         )  # fmt: skip
         return _decoded("report", lambda: [_typed(i, int) for i in _typed(answer["withdrawn"], list)])
 
-    async def announce(self, url: str, info_hash: InfoHash, port: int, left: int) -> Announced:
+    async def announce(
+        self, url: str, info_hash: InfoHash, port: int, left: int, uploaded: int = 0
+    ) -> Announced:
         """One BitTorrent announce (BEP 3, compact) to `url`, the announce URL a join
-        returned, over this client's verified TLS; the peers the tracker names."""
-        query = f"&info_hash={quote_from_bytes(info_hash.raw)}&port={port}&left={left}&compact=1&numwant=50"
+        returned, over this client's verified TLS; the peers the tracker names. The tracker lists
+        this node at the address the announce comes from, and names first the peers that serve
+        (seeders, then those that uploaded)."""
+        query = (
+            f"&info_hash={quote_from_bytes(info_hash.raw)}&port={port}&left={left}&uploaded={uploaded}"
+            "&compact=1&numwant=50"
+        )
         try:
             async with self._session.get(url + query, ssl=self._ssl) as resp:
                 body = await resp.read()

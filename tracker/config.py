@@ -61,6 +61,10 @@ class TrackerConfig:
     # chunk the registry may send at once (all onto its one downlink) while the others find none.
     lone_grace: Duration = 1
     announce_interval: Duration = 30
+    # Entries one source address may have in a blob's peer list (newer announces replace older):
+    # one node per address is the normal case, and a node that joined again keeps its old entry
+    # for up to two intervals. Raise it only where several nodes really share one address.
+    peers_per_address: int = 4
     upstream_timeout: Duration = 10
     basic_auth_cache: Duration = 60  # how long a registry's "yes" to Basic credentials is reused
     log_level: str = "info"
@@ -81,6 +85,8 @@ class TrackerConfig:
             raise ValueError(f"chunk_size: {exc}") from None
         if self.chunks_in_flight < 1:
             raise ValueError("chunks_in_flight must be at least 1")
+        if self.peers_per_address < 1:
+            raise ValueError("peers_per_address must be at least 1")
 
     def registry(self, host: str) -> RegistryConfig | None:
         return next((r for r in self.registries if r.host == host), None)

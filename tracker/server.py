@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common import errors
-from common.certs import CertificateAuthority, cert_pem, issue_peer_cert, load_csr
+from common.certs import CertificateAuthority, cert_pem, issue_peer_cert, key_id, load_csr
 from common.errors import ApiError
 from common.ids import Digest, InfoHash, NodeId, Repository, is_decimal
 from common.logs import access_log_middleware
@@ -48,6 +48,7 @@ from tracker.swarm import (
     BlobState,
     Lease,
     LeaseLost,
+    Member,
     Peer,
     Rules,
     SwarmView,
@@ -151,20 +152,20 @@ async def _join(request: web.Request, tracker: Tracker) -> web.Response:
     cert = issue_peer_cert(tracker.ca, csr, digest, node, dt.timedelta(seconds=config.peer_cert_ttl))
     expires_at = int(cert.not_valid_after_utc.timestamp())
 
+    member = Member(node, key_id(csr.public_key()))
     now = time.time()
     swarm = await tracker.store.scrape(digest.swarm_id, now)
 
     def change(state: BlobState) -> tuple[tuple[Visit, BlobState], BlobState]:
-        seen, new = visit(start(state, size, config.chunk_size), str(node), now, tracker.rules, swarm, _token)
+        planned = start(state, size, config.chunk_size)
+        seen, new = visit(planned, str(member), now, tracker.rules, swarm, _token)
         return (seen, new), new
 
     seen, state = await tracker.store.update_blob(digest, change)
     tracker.metrics.joins.inc()
-    logger.info(
-        "%s joins %s", node, digest, extra={"event": "join", "node": str(node), "digest": str(digest)}
-    )
-    _visited(tracker, digest, node, seen)
-    key = tracker.keys.sign(node, digest.swarm_id, expires_at)
+    logger.info("%s joins %s", node, digest, extra={"event": "join", **_who(member), "digest": str(digest)})
+    _visited(tracker, digest, member, seen)
+    key = tracker.keys.sign(member, digest.swarm_id, expires_at)
     return web.json_response(
         {
             "cert": cert_pem(cert).decode(),
@@ -191,14 +192,14 @@ async def sync(request: web.Request) -> web.Response:
     wait = body.get("wait", 0)
     if not isinstance(wait, int | float) or isinstance(wait, bool):
         raise ApiError(errors.BAD_REQUEST, "wait must be a number of seconds")
-    node = _key_node(tracker, key, digest)
+    member = _key_member(tracker, key, digest)
     tracker.metrics.syncs.inc()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(max(float(wait), 0.0), MAX_SYNC_WAIT)
     version = await tracker.store.blob_version(digest)
     swarm: SwarmView | None = await tracker.store.scrape(digest.swarm_id, time.time())
     while True:
-        seen, state = await _sync_visit(tracker, digest, node, swarm)
+        seen, state = await _sync_visit(tracker, digest, member, swarm)
         fresh, withdrawn = news(state, known)
         if fresh or withdrawn or seen.granted:
             break
@@ -217,18 +218,18 @@ async def sync(request: web.Request) -> web.Response:
 
 
 async def _sync_visit(
-    tracker: Tracker, digest: Digest, node: NodeId, swarm: SwarmView | None
+    tracker: Tracker, digest: Digest, member: Member, swarm: SwarmView | None
 ) -> tuple[Visit, BlobState]:
     now = time.time()
 
     def change(state: BlobState) -> tuple[tuple[Visit, BlobState], BlobState]:
         if state.size is None:
             raise ApiError(errors.BLOB_UNKNOWN, f"nobody joined {digest}: join first")
-        seen, new = visit(state, str(node), now, tracker.rules, swarm, _token)
+        seen, new = visit(state, str(member), now, tracker.rules, swarm, _token)
         return (seen, new), new
 
     seen, state = await tracker.store.update_blob(digest, change)
-    _visited(tracker, digest, node, seen)
+    _visited(tracker, digest, member, seen)
     return seen, state
 
 
@@ -248,13 +249,13 @@ async def _changed(
     return None
 
 
-def _visited(tracker: Tracker, digest: Digest, node: NodeId, seen: Visit) -> None:
+def _visited(tracker: Tracker, digest: Digest, member: Member, seen: Visit) -> None:
     """Count and log what a join or sync decided; wake long-polls when chunks were unpublished."""
     for index in seen.granted:
         tracker.metrics.chunk_leases.inc()
         logger.info(
-            "%s leases chunk %d of %s", node, index, digest,
-            extra={"event": "lease", "node": str(node), "digest": str(digest), "chunk": index},
+            "%s leases chunk %d of %s", member.node, index, digest,
+            extra={"event": "lease", **_who(member), "digest": str(digest), "chunk": index},
         )  # fmt: skip
     if seen.reset:
         logger.warning(
@@ -297,13 +298,14 @@ async def put_chunk_torrent(request: web.Request) -> web.Response:
         info_hash = check_metainfo(metainfo, digest, chunk, ca_pem)
         publisher = state.chunks[index].lease
         assert publisher is not None  # leased_chunk checked it
-        return (info_hash, publisher.node), publish(state, index, token, metainfo, info_hash.hex, now)
+        return (info_hash, publisher.member), publish(state, index, token, metainfo, info_hash.hex, now)
 
     info_hash, publisher = await _update(tracker, digest, change)
     tracker.metrics.published.inc()
+    who = _who(publisher)
     logger.info(
-        "%s published chunk %d of %s", publisher, index, digest,
-        extra={"event": "published", "node": publisher, "digest": str(digest), "chunk": index},
+        "%s published chunk %d of %s", who["node"], index, digest,
+        extra={"event": "published", **who, "digest": str(digest), "chunk": index},
     )  # fmt: skip
     tracker.events.notify(digest)
     return web.json_response({"info_hash": info_hash.hex})
@@ -318,13 +320,13 @@ async def report(request: web.Request) -> web.Response:
     reason, key = _string(body, "reason"), _string(body, "key")
     if reason not in REPORT_REASONS:
         raise ApiError(errors.BAD_REQUEST, f"reason must be one of {', '.join(REPORT_REASONS)}")
-    reporter = _key_node(tracker, key, digest)
+    reporter = _key_member(tracker, key, digest)
     if reason == "bad_peer":
         tracker.metrics.reports.labels(reason).inc()
         peer = str(body.get("peer", ""))[:64]
         logger.warning(
-            "%s reports bad peer %s on %s", reporter, peer, digest,
-            extra={"event": "report", "reason": reason, "node": str(reporter), "digest": str(digest)},
+            "%s reports bad peer %s on %s", reporter.node, peer, digest,
+            extra={"event": "report", "reason": reason, **_who(reporter), "digest": str(digest)},
         )  # fmt: skip
         return web.json_response({"withdrawn": []})
     registry, repository = _registry_and_repository(tracker, body)
@@ -345,7 +347,7 @@ async def _check_report(
     registry: RegistryConfig,
     repository: Repository,
     authorization: str | None,
-    reporter: NodeId,
+    reporter: Member,
 ) -> list[int]:
     """Withdraw the published chunks whose pieces root differs from the registry's bytes; mark the
     others verified, so that another report of them costs no registry read."""
@@ -366,20 +368,20 @@ async def _check_report(
         withdrawn = await _update(tracker, digest, lambda s: apply_verdicts(s, verdicts))
     torrents = dict(suspects)
     for index in withdrawn:
-        publisher = torrents[index].publisher
+        publisher = _who(torrents[index].publisher)
         tracker.metrics.withdrawn.inc()
         logger.warning(
             "chunk %d of %s did not match the registry: withdrawn, %s barred from it",
-            index, digest, publisher,
-            extra={"event": "withdrawn", "node": publisher, "digest": str(digest), "chunk": index,
-                   "reporter": str(reporter)},
+            index, digest, publisher["node"],
+            extra={"event": "withdrawn", **publisher, "digest": str(digest), "chunk": index,
+                   "reporter": str(reporter.node), "reporter_key": reporter.key},
         )  # fmt: skip
     if withdrawn:
         tracker.events.notify(digest)
     else:
         logger.warning(
-            "false report by %s: every published chunk of %s matches the registry", reporter, digest,
-            extra={"event": "false_report", "node": str(reporter), "digest": str(digest)},
+            "false report by %s: every published chunk of %s matches the registry", reporter.node, digest,
+            extra={"event": "false_report", **_who(reporter), "digest": str(digest)},
         )  # fmt: skip
     return withdrawn
 
@@ -402,8 +404,8 @@ def _refusal(denied: Denied) -> ApiError:
     return ApiError(code, denied.message)
 
 
-def _key_node(tracker: Tracker, key: str, digest: Digest) -> NodeId:
-    """The node an announce key for the blob's swarm was given to, or 403."""
+def _key_member(tracker: Tracker, key: str, digest: Digest) -> Member:
+    """The member an announce key for the blob's swarm was given to, or 403."""
     try:
         return tracker.keys.verify(key, digest.swarm_id, time.time())
     except ValueError as exc:
@@ -418,6 +420,13 @@ async def _update(tracker: Tracker, digest: Digest, change: Change[T]) -> T:
         raise ApiError(errors.CONFLICT, str(exc)) from None
     except ValueError as exc:
         raise ApiError(errors.BAD_REQUEST, str(exc)) from None
+
+
+def _who(member: Member | str) -> dict[str, str]:
+    """A member's log fields: the node id it named and its key, which tells apart two members
+    that name one node."""
+    node, _, key = str(member).partition("~")
+    return {"node": node, "key": key}
 
 
 def _chunks(state: BlobState, indices: list[int]) -> list[dict[str, Any]]:
@@ -445,13 +454,19 @@ async def announce(request: web.Request) -> web.Response:
     now = time.time()
     try:
         query = parse_announce(request.query_string)
-        node = tracker.keys.verify(query.key, query.info_hash, now)
+        member = tracker.keys.verify(query.key, query.info_hash, now)
     except ValueError as exc:
         tracker.metrics.announce_failures.inc()
         return web.Response(body=encode_failure(str(exc)), content_type=BENCODE)
-    interval = tracker.config.announce_interval
-    peer = Peer(str(node), request.remote or "", query.port, query.left == 0, now + 2 * interval + 5)
-    view = await tracker.store.announce(query.info_hash, peer, query.event == "stopped", query.numwant, now)
+    config = tracker.config
+    interval = config.announce_interval
+    # The address the announce came from: an `ip` parameter would let one node list another.
+    peer = Peer(
+        str(member), request.remote or "", query.port, query.left == 0, now + 2 * interval + 5, query.uploaded
+    )
+    view = await tracker.store.announce(
+        query.info_hash, peer, query.event == "stopped", query.numwant, config.peers_per_address, now
+    )
     tracker.metrics.announces.inc()
     return web.Response(body=encode_peers(view, interval), content_type=BENCODE)
 

@@ -2,7 +2,7 @@
 
 Blob states (chunk torrents, leases, bars, active joiners) are durable in both. Peers are soft state
 that announces rebuild within one interval: kept in memory beside SQLite, in Redis hashes when
-replicas share.
+replicas share; one entry per member, so an announce changes no other member's entry.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from common.ids import Digest, InfoHash
-from tracker.swarm import BlobState, Peer, SwarmView, view_swarm
+from tracker.swarm import BlobState, Peer, SwarmView, displaced, view_swarm
 
 T = TypeVar("T")
 Change = Callable[[BlobState], tuple[T, BlobState]]
@@ -31,9 +31,10 @@ class Store(Protocol):
         long-poll reads four times a second instead of the whole state."""
 
     async def announce(
-        self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, now: float
+        self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, per_address: int, now: float
     ) -> SwarmView:
-        """Record (or with `stopped`, drop) the peer, and return the swarm as it sees it."""
+        """Record the peer, dropping the entries it `displaced` (or with `stopped`, drop its own
+        entry), and return the swarm as it sees it."""
 
     async def scrape(self, info_hash: InfoHash, now: float) -> SwarmView: ...
 
@@ -44,17 +45,19 @@ class MemoryPeers:
     def __init__(self) -> None:
         self._swarms: dict[bytes, dict[str, Peer]] = {}
 
-    def announce(self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, now: float) -> SwarmView:
+    def announce(
+        self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, per_address: int, now: float
+    ) -> SwarmView:
         swarm = self._swarms.setdefault(info_hash.raw, {})
-        for node in [n for n, p in swarm.items() if p.expires_at <= now]:
-            del swarm[node]
-        if stopped:
-            swarm.pop(peer.node, None)
-        else:
-            swarm[peer.node] = peer
+        gone = [m for m, p in swarm.items() if p.expires_at <= now]
+        gone += [peer.member] if stopped else displaced(swarm.values(), peer, per_address)
+        for member in gone:
+            swarm.pop(member, None)
+        if not stopped:
+            swarm[peer.member] = peer
         if not swarm:
             del self._swarms[info_hash.raw]
-        return view_swarm(swarm.values(), peer.node, peer.seeding, numwant, now)
+        return view_swarm(swarm.values(), peer.member, peer.seeding, numwant, now)
 
     def scrape(self, info_hash: InfoHash, now: float) -> SwarmView:
         return view_swarm(self._swarms.get(info_hash.raw, {}).values(), "", False, 0, now)
@@ -92,9 +95,9 @@ class SqliteStore:
         self._db.execute("INSERT OR REPLACE INTO blobs (digest, state) VALUES (?, ?)", (digest, state))
 
     async def announce(
-        self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, now: float
+        self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, per_address: int, now: float
     ) -> SwarmView:
-        return self._peers.announce(info_hash, peer, stopped, numwant, now)
+        return self._peers.announce(info_hash, peer, stopped, numwant, per_address, now)
 
     async def scrape(self, info_hash: InfoHash, now: float) -> SwarmView:
         return self._peers.scrape(info_hash, now)
@@ -105,7 +108,9 @@ class SqliteStore:
 
 class RedisStore:
     """State shared by tracker replicas. Keys: `shoal:blob:<digest>` (JSON state),
-    `shoal:blobversion:<digest>` (counter bumped with each write), `shoal:peers:<info-hash>`."""
+    `shoal:blobversion:<digest>` (counter bumped with each write), `shoal:members:<info-hash>`
+    (a hash of peer entries by member; the node-keyed `shoal:peers:*` of older trackers expire on
+    their own within two announce intervals)."""
 
     def __init__(self, url: str):
         import redis.asyncio as redis  # optional dependency: shoal[redis]
@@ -136,25 +141,30 @@ class RedisStore:
         return int(await self._redis.get(f"shoal:blobversion:{digest}") or 0)
 
     async def announce(
-        self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, now: float
+        self, info_hash: InfoHash, peer: Peer, stopped: bool, numwant: int, per_address: int, now: float
     ) -> SwarmView:
-        key = f"shoal:peers:{info_hash.hex}"
+        """Two replicas announcing peers of one address at once may each keep the other's entry:
+        the next announce from that address drops the excess."""
+        key = f"shoal:members:{info_hash.hex}"
         async with self._redis.pipeline(transaction=False) as pipe:
             if stopped:
-                pipe.hdel(key, peer.node)
+                pipe.hdel(key, peer.member)
             else:
-                pipe.hset(key, peer.node, _encode_peer(peer))
+                pipe.hset(key, peer.member, _encode_peer(peer))
                 pipe.expireat(key, int(peer.expires_at) + 1)
             pipe.hgetall(key)
             *_, raw = await pipe.execute()
         peers = list(_decode_peers(raw))
-        expired = [p.node for p in peers if p.expires_at <= now]
-        if expired:
-            await self._redis.hdel(key, *expired)
-        return view_swarm(peers, peer.node, peer.seeding, numwant, now)
+        gone = {p.member for p in peers if p.expires_at <= now}
+        if not stopped:
+            gone.update(displaced(peers, peer, per_address))
+        if gone:
+            await self._redis.hdel(key, *gone)
+            peers = [p for p in peers if p.member not in gone]
+        return view_swarm(peers, peer.member, peer.seeding, numwant, now)
 
     async def scrape(self, info_hash: InfoHash, now: float) -> SwarmView:
-        raw = await self._redis.hgetall(f"shoal:peers:{info_hash.hex}")
+        raw = await self._redis.hgetall(f"shoal:members:{info_hash.hex}")
         return view_swarm(_decode_peers(raw), "", False, 0, now)
 
     async def close(self) -> None:
@@ -162,13 +172,13 @@ class RedisStore:
 
 
 def _encode_peer(peer: Peer) -> str:
-    return f"{peer.ip}|{peer.port}|{int(peer.seeding)}|{peer.expires_at}"
+    return f"{peer.ip}|{peer.port}|{int(peer.seeding)}|{peer.expires_at}|{peer.uploaded}"
 
 
 def _decode_peers(raw: dict[Any, Any]) -> Iterable[Peer]:
-    for node, value in raw.items():
-        ip, port, seeding, expires_at = value.decode().split("|")
-        yield Peer(node.decode(), ip, int(port), seeding == "1", float(expires_at))
+    for member, value in raw.items():
+        ip, port, seeding, expires_at, uploaded = value.decode().split("|")
+        yield Peer(member.decode(), ip, int(port), seeding == "1", float(expires_at), int(uploaded))
 
 
 @contextlib.asynccontextmanager

@@ -1,9 +1,13 @@
 """Pure decisions about one blob's swarm: which joiner fetches which chunk from the registry, what a
-node has not seen yet, and when a published chunk goes back to being fetched.
+node has not seen yet, when a published chunk goes back to being fetched, and which peers an
+announce names.
 
 A blob is a list of chunks (`common.chunks.plan`), each its own torrent. `BlobState` is what the
 store keeps per blob; each function takes a state and returns the next one, so the store applies
 them atomically (SQLite transaction or Redis WATCH/MULTI) and the rules are tested without sockets.
+
+Leases, published chunks, joiners and peer entries belong to a *member* (`Member`, kept as its
+string): the key a node joined with, beside the node id it named.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from common.chunks import Chunk, plan
+from common.ids import NodeId
 
 # A node's `sync` long-polls at most this long, then asks again.
 MAX_SYNC_WAIT = 30.0
@@ -28,10 +33,31 @@ SEEN_GRANULARITY = 5.0
 
 
 @dataclass(frozen=True)
-class Lease:
-    """A node's right to publish one chunk, kept alive by reporting forward progress."""
+class Member:
+    """Who takes part in a blob's swarm. A node id is only a name, and anyone with a pull credential
+    may join under any name; the key is what only its holder can use (the CSR's self-signature
+    proves it, and the announce key the join hands out is signed for the member). Two joins naming
+    one node id with different keys are two members: neither gets, extends, announces, evicts or
+    reports as the other. A node makes a new key for every join, so each join is a member of its
+    own."""
 
-    node: str
+    node: NodeId
+    key: str  # hex SHA-256 of the joining key's DER SubjectPublicKeyInfo (`common.certs.key_id`)
+
+    def __str__(self) -> str:
+        return f"{self.node}~{self.key}"  # "~" occurs in neither
+
+
+def node_of(member: str) -> str:
+    """The node id a member string names."""
+    return member.partition("~")[0]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A member's right to publish one chunk, kept alive by reporting forward progress."""
+
+    member: str
     token: str
     expires_at: float
     bytes_done: int = 0
@@ -44,7 +70,7 @@ class Torrent:
 
     metainfo: bytes
     info_hash: str  # hex of its truncated v2 info-hash
-    publisher: str
+    publisher: str  # the member
     published_at: float
 
 
@@ -53,10 +79,14 @@ class ChunkState:
     torrent: Torrent | None = None
     verified: bool = False  # its pieces root matched the registry's bytes on a report
     lease: Lease | None = None
-    barred: frozenset[str] = frozenset()  # published wrong bytes: never leased this chunk again
+    # Node ids whose members published wrong bytes for it: never leased it again. A bar names the
+    # node, not the key, as a node makes a new key for every join; naming another node's id in a
+    # join can then only bar that node from fetching this chunk from the registry, which another
+    # joiner does instead.
+    barred: frozenset[str] = frozenset()
 
-    def free_for(self, node: str) -> bool:
-        return self.torrent is None and self.lease is None and node not in self.barred
+    def free_for(self, member: str) -> bool:
+        return self.torrent is None and self.lease is None and node_of(member) not in self.barred
 
     def unpublished(self) -> ChunkState:
         """Back to needing an origin; who is barred stays barred."""
@@ -83,9 +113,15 @@ class ChunkState:
         return cls(
             torrent=torrent,
             verified=data["verified"],
-            lease=Lease(**data["lease"]) if data["lease"] else None,
+            lease=_lease(data["lease"]),
             barred=frozenset(data["barred"]),
         )
+
+
+def _lease(data: dict[str, Any] | None) -> Lease | None:
+    """A lease stored before members held a bare node id, which no member matches: it is dropped,
+    as it would have expired within `origin_lease` anyway."""
+    return Lease(**data) if data and "member" in data else None
 
 
 @dataclass(frozen=True)
@@ -93,16 +129,18 @@ class BlobState:
     size: int | None = None  # as the registry reported it when authorizing the first joiner
     chunk_size: int | None = None  # fixed at the first join, so a config change never re-cuts a blob
     chunks: tuple[ChunkState, ...] = ()  # by chunk index
-    joiners: Mapping[str, float] = field(default_factory=dict)  # active node -> last seen
+    joiners: Mapping[str, float] = field(default_factory=dict)  # active member -> last seen
 
     def plan(self) -> list[Chunk]:
         if self.size is None or self.chunk_size is None:
             return []
         return plan(self.size, self.chunk_size)
 
-    def leases_of(self, node: str) -> list[tuple[int, Lease]]:
+    def leases_of(self, member: str) -> list[tuple[int, Lease]]:
         return [
-            (i, c.lease) for i, c in enumerate(self.chunks) if c.lease is not None and c.lease.node == node
+            (i, c.lease)
+            for i, c in enumerate(self.chunks)
+            if c.lease is not None and c.lease.member == member
         ]
 
     def published(self) -> list[tuple[int, Torrent]]:
@@ -144,9 +182,9 @@ class Rules:
 
 @dataclass(frozen=True)
 class Visit:
-    """What a join or sync of one node decided."""
+    """What a join or sync of one member decided."""
 
-    leases: list[tuple[int, Lease]]  # every live lease the node holds on the blob
+    leases: list[tuple[int, Lease]]  # every live lease the member holds on the blob
     granted: list[int]  # chunk indices newly leased to it in this visit
     reset: list[int]  # published chunks unpublished because their swarm was dead
 
@@ -165,22 +203,22 @@ def start(state: BlobState, size: int, chunk_size: int) -> BlobState:
 
 def visit(
     state: BlobState,
-    node: str,
+    member: str,
     now: float,
     rules: Rules,
     swarm: SwarmView | None,
     new_token: Callable[[], str],
 ) -> tuple[Visit, BlobState]:
-    """A join or sync by `node`: drop expired leases, reset a dead swarm, note the node as active,
-    grant it leases. `swarm` is the blob's scrape; None means "not looked at" (a long-poll
+    """A join or sync by `member`: drop expired leases, reset a dead swarm, note the member as
+    active, grant it leases. `swarm` is the blob's scrape; None means "not looked at" (a long-poll
     re-check), so nothing is reset."""
     state = _drop_expired(state, now)
     reset: list[int] = []
     if swarm is not None and swarm.complete + swarm.incomplete == 0:
         reset, state = _reset_dead(state, now, rules.announce_interval)
-    state = _seen(state, node, now)
-    granted, state = _grant(state, node, now, rules, new_token)
-    return Visit(state.leases_of(node), granted, reset), state
+    state = _seen(state, member, now)
+    granted, state = _grant(state, member, now, rules, new_token)
+    return Visit(state.leases_of(member), granted, reset), state
 
 
 def _drop_expired(state: BlobState, now: float) -> BlobState:
@@ -205,22 +243,22 @@ def _reset_dead(state: BlobState, now: float, interval: float) -> tuple[list[int
     return stale, replace(state, chunks=chunks)
 
 
-def _seen(state: BlobState, node: str, now: float) -> BlobState:
-    """Record `node` as active and forget joiners that are not."""
-    last = state.joiners.get(node)
+def _seen(state: BlobState, member: str, now: float) -> BlobState:
+    """Record `member` as active and forget joiners that are not."""
+    last = state.joiners.get(member)
     inactive = [n for n, seen in state.joiners.items() if seen <= now - ACTIVE_JOINER_SECONDS]
     if last is not None and last > now - SEEN_GRANULARITY and not inactive:
         return state
     joiners = {n: seen for n, seen in state.joiners.items() if n not in inactive}
-    joiners[node] = now if last is None or last <= now - SEEN_GRANULARITY else last
+    joiners[member] = now if last is None or last <= now - SEEN_GRANULARITY else last
     return replace(state, joiners=joiners)
 
 
 def _grant(
-    state: BlobState, node: str, now: float, rules: Rules, new_token: Callable[[], str]
+    state: BlobState, member: str, now: float, rules: Rules, new_token: Callable[[], str]
 ) -> tuple[list[int], BlobState]:
-    """Lease `node` the lowest-index free chunks while fewer than `chunks_in_flight` are still
-    coming from the registry. A node already fetching one gets another only when no other active
+    """Lease `member` the lowest-index free chunks while fewer than `chunks_in_flight` are still
+    coming from the registry. A member already fetching one gets another only when no other active
     joiner that could take a chunk is fetching none, and `lone_grace` after its newest lease. A
     lease whose bytes have all arrived (its origin hashes and publishes the chunk) no longer
     counts: the registry's link goes on to the next chunk meanwhile."""
@@ -228,41 +266,41 @@ def _grant(
     lengths = [chunk.length for chunk in state.plan()]
     granted: list[int] = []
     while len(_fetching(chunks, lengths)) < rules.chunks_in_flight:
-        free = [i for i, c in enumerate(chunks) if c.free_for(node)]
+        free = [i for i, c in enumerate(chunks) if c.free_for(member)]
         if not free:
             break
-        if node in _fetching(chunks, lengths) and (
-            _another_waits(chunks, lengths, state.joiners, node, now)
-            or _newest_grant(chunks, node) > now - rules.lone_grace
+        if member in _fetching(chunks, lengths) and (
+            _another_waits(chunks, lengths, state.joiners, member, now)
+            or _newest_grant(chunks, member) > now - rules.lone_grace
         ):
             break
-        lease = Lease(node, new_token(), now + rules.lease_seconds, granted_at=now)
+        lease = Lease(member, new_token(), now + rules.lease_seconds, granted_at=now)
         chunks[free[0]] = replace(chunks[free[0]], lease=lease)
         granted.append(free[0])
     return granted, replace(state, chunks=tuple(chunks)) if granted else state
 
 
-def _newest_grant(chunks: list[ChunkState], node: str) -> float:
-    granted = [c.lease.granted_at for c in chunks if c.lease is not None and c.lease.node == node]
+def _newest_grant(chunks: list[ChunkState], member: str) -> float:
+    granted = [c.lease.granted_at for c in chunks if c.lease is not None and c.lease.member == member]
     return max(granted, default=0.0)
 
 
 def _fetching(chunks: list[ChunkState], lengths: list[int]) -> list[str]:
-    """The node of each lease whose chunk is still coming from the registry."""
+    """The member of each lease whose chunk is still coming from the registry."""
     return [
-        c.lease.node
+        c.lease.member
         for c, length in zip(chunks, lengths, strict=True)
         if c.lease is not None and c.lease.bytes_done < length
     ]
 
 
 def _another_waits(
-    chunks: list[ChunkState], lengths: list[int], joiners: Mapping[str, float], node: str, now: float
+    chunks: list[ChunkState], lengths: list[int], joiners: Mapping[str, float], member: str, now: float
 ) -> bool:
     """Some other active joiner is fetching no chunk from the registry and could take a free one."""
     fetching = _fetching(chunks, lengths)
     return any(
-        other != node
+        other != member
         and seen > now - ACTIVE_JOINER_SECONDS
         and other not in fetching
         and any(c.free_for(other) for c in chunks)
@@ -304,7 +342,7 @@ def publish(
     leased_chunk(state, index, token, now)
     chunk = state.chunks[index]
     assert chunk.lease is not None  # leased_chunk checked it
-    torrent = Torrent(metainfo, info_hash, chunk.lease.node, now)
+    torrent = Torrent(metainfo, info_hash, chunk.lease.member, now)
     return _with_chunk(state, index, ChunkState(torrent=torrent, barred=chunk.barred))
 
 
@@ -335,7 +373,7 @@ def apply_verdicts(state: BlobState, verdicts: Mapping[int, tuple[str, bool]]) -
         if matches:
             chunks[index] = replace(chunk, verified=True)
         else:
-            chunks[index] = ChunkState(barred=chunk.barred | {chunk.torrent.publisher})
+            chunks[index] = ChunkState(barred=chunk.barred | {node_of(chunk.torrent.publisher)})
             withdrawn.append(index)
     return withdrawn, replace(state, chunks=tuple(chunks))
 
@@ -354,11 +392,12 @@ def _with_chunk(state: BlobState, index: int, chunk: ChunkState) -> BlobState:
 
 @dataclass(frozen=True)
 class Peer:
-    node: str
-    ip: str
+    member: str
+    ip: str  # the address its announce came from
     port: int
     seeding: bool
-    expires_at: float
+    expires_at: float  # every entry lives as long past its announce, so also the announce order
+    uploaded: int = 0  # bytes it says it sent to peers (BEP 3 `uploaded`)
 
 
 @dataclass(frozen=True)
@@ -368,10 +407,34 @@ class SwarmView:
     incomplete: int
 
 
+def displaced(peers: Iterable[Peer], newest: Peer, per_address: int) -> list[str]:
+    """The members whose entries an announce by `newest` replaces: those at its address and port
+    (the same listener: a node that joined again), and those beyond the `per_address` latest
+    announces from its address. One machine, however many keys it joins with, then fills at most
+    `per_address` places in a blob's peer list, and never pushes out a peer at another address."""
+    same = [p for p in peers if p.ip == newest.ip and p.member != newest.member]
+    same.sort(key=lambda p: p.expires_at, reverse=True)
+    others = [p for p in same if p.port != newest.port]
+    return [p.member for p in same if p.port == newest.port] + [p.member for p in others[per_address - 1 :]]
+
+
 def view_swarm(peers: Iterable[Peer], asking: str, seeding: bool, numwant: int, now: float) -> SwarmView:
-    """The peers an announce returns: live ones other than the asker, no seeders to a seeder."""
+    """The peers an announce returns: live ones other than the asker, no seeders to a seeder; those
+    known to serve first (`_serving`), at random within each rank, so that the load spreads."""
     live = [p for p in peers if p.expires_at > now]
     complete = sum(p.seeding for p in live)
-    candidates = [p for p in live if p.node != asking and not (seeding and p.seeding)]
-    chosen = random.sample(candidates, min(numwant, len(candidates)))
+    ranks: list[list[Peer]] = [[], [], []]
+    for p in live:
+        if p.member != asking and not (seeding and p.seeding):
+            ranks[_serving(p)].append(p)
+    chosen: list[Peer] = []
+    for rank in ranks:
+        chosen += random.sample(rank, min(numwant - len(chosen), len(rank)))
     return SwarmView(chosen, complete, len(live) - complete)
+
+
+def _serving(peer: Peer) -> int:
+    """0 for a seeder, 1 for a peer that has sent bytes, 2 for one that has sent none yet (a fresh
+    joiner, or one of many keys that fetch nothing and serve nothing): when a swarm is larger than
+    an answer, a newcomer meets the peers that can give it something."""
+    return 0 if peer.seeding else 1 if peer.uploaded > 0 else 2

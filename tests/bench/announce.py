@@ -45,6 +45,7 @@ from common.certs import ca_from_pem, make_csr, new_key
 from common.ids import Digest, NodeId
 from tracker.announce import KEY_PARAM, AnnounceKeys
 from tracker.ca import CA_FILE, announce_secret
+from tracker.swarm import Member
 
 WRK_SCRIPT = """
 local paths = {%s}
@@ -93,6 +94,8 @@ async def tracker(
                 "tls": {"cert": str(tls.cert), "key": str(tls.key)},
                 "state_dir": str(work / "state"),
                 "log_level": "warning",
+                # Every simulated peer announces from the one loopback address.
+                "peers_per_address": 1_000_000,
                 "registries": [registry],
             }
         )
@@ -110,10 +113,11 @@ def announce_paths(ca_file: Path, peers: int, torrents: int) -> list[str]:
     paths = []
     for i in range(peers):
         info_hash = Digest(hashlib.sha256(b"blob %d" % (i % torrents)).hexdigest()).swarm_id
-        key = keys.sign(NodeId.parse(f"node-{i}"), info_hash, expires)
+        member = Member(NodeId.parse(f"node-{i}"), hashlib.sha256(b"key %d" % i).hexdigest())
+        key = keys.sign(member, info_hash, expires)
         paths.append(
             f"/announce?{KEY_PARAM}={key}&info_hash={quote_from_bytes(info_hash.raw)}"
-            f"&peer_id=-LT2110-{i:012d}&port={6881 + i % 1000}&uploaded=0&downloaded=0"
+            f"&peer_id=-LT2110-{i:012d}&port={1024 + i % 64000}&uploaded=0&downloaded=0"
             f"&left={i % 2}&compact=1&numwant=50&event="
         )
     return paths

@@ -1,6 +1,7 @@
 import base64
 import contextlib
 import datetime as dt
+import hashlib
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from common.certs import (
     check_rsa_key,
     issue_peer_cert,
     issue_server_cert,
+    key_id,
     key_pem,
     load_csr,
     make_csr,
@@ -44,6 +46,17 @@ def test_peer_cert_is_scoped_to_the_blob_and_chains_to_the_ca() -> None:
     lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
     assert dt.timedelta(hours=5, minutes=59) < lifetime <= dt.timedelta(hours=6)
     assert cert.public_key() == csr.public_key()
+
+
+def test_key_id_is_the_sha256_of_the_public_key_info() -> None:
+    key = new_key()
+    csr = load_csr(make_csr(key))
+    cert = issue_peer_cert(CA, csr, BLOB, NodeId.parse("node-1"), dt.timedelta(hours=6))
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert key_id(csr.public_key()) == key_id(cert.public_key()) == hashlib.sha256(der).hexdigest()
+    assert key_id(load_csr(make_csr(new_key())).public_key()) != key_id(csr.public_key())
 
 
 def test_ca_round_trips_through_pem() -> None:

@@ -1,6 +1,8 @@
 """Announce and scrape parsing, keys and replies; hypothesis feeds parsers arbitrary input."""
 
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 from urllib.parse import quote_from_bytes
 
@@ -17,7 +19,7 @@ from tracker.announce import (
     parse_announce,
     parse_scrape,
 )
-from tracker.swarm import Peer, SwarmView
+from tracker.swarm import Member, Peer, SwarmView
 
 HASH = InfoHash(bytes(range(20)))
 KEYS = AnnounceKeys(b"k" * 32)
@@ -37,6 +39,7 @@ def test_parses_a_libtorrent_style_announce() -> None:
     request = parse_announce(q)
     assert request.info_hash == HASH and request.port == 6881 and request.left == 1024
     assert request.event == "started" and request.numwant == 200 and request.key == "n~x~1~y"
+    assert request.uploaded == 0 and parse_announce(q.replace("uploaded=0", "uploaded=77")).uploaded == 77
 
 
 @pytest.mark.parametrize(
@@ -83,18 +86,29 @@ def test_bencode_round_trips(value: object) -> None:
     assert bencoding.decode_canonical(bencoding.encode(value)) == value  # type: ignore[arg-type]
 
 
-def test_keys_bind_node_hash_and_expiry() -> None:
-    node = NodeId.parse("node-1")
-    key = KEYS.sign(node, HASH, expires_at=1000)
-    assert KEYS.verify(key, HASH, now=999) == node
+MEMBER = Member(NodeId.parse("node-1"), "ab" * 32)
+
+
+def test_keys_bind_member_hash_and_expiry() -> None:
+    key = KEYS.sign(MEMBER, HASH, expires_at=1000)
+    assert KEYS.verify(key, HASH, now=999) == MEMBER
     with pytest.raises(ValueError, match="another torrent"):
         KEYS.verify(key, InfoHash(b"\x01" * 20), now=999)
     with pytest.raises(ValueError, match="expired"):
         KEYS.verify(key, HASH, now=1000)
-    with pytest.raises(ValueError, match="signature"):
-        KEYS.verify(key.replace("node-1", "node-2"), HASH, now=999)
+    for forged in [key.replace("node-1", "node-2"), key.replace("ab" * 32, "cd" * 32)]:
+        with pytest.raises(ValueError, match="signature"):
+            KEYS.verify(forged, HASH, now=999)
     with pytest.raises(ValueError):
         AnnounceKeys(b"other" * 8).verify(key, HASH, now=999)
+
+
+def test_a_key_signed_before_members_is_a_member_no_join_makes() -> None:
+    payload = f"node-1~{HASH.hex}~1000"  # as trackers signed keys before members
+    legacy = f"{payload}~{hmac.new(b'k' * 32, payload.encode(), hashlib.sha256).hexdigest()[:32]}"
+    assert KEYS.verify(legacy, HASH, now=999) == Member(NodeId.parse("node-1"), "")
+    with pytest.raises(ValueError, match="expired"):
+        KEYS.verify(legacy, HASH, now=1000)
 
 
 @given(st.text())

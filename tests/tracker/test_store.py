@@ -34,12 +34,12 @@ STATE = BlobState(
     size=3 * 2**20 + 5,
     chunk_size=2**20,
     chunks=(
-        ChunkState(torrent=Torrent(b"\x00meta", "ab" * 20, "n1", 12.5), verified=True),
-        ChunkState(lease=Lease("n2", "tok", 99.5, 1234)),
+        ChunkState(torrent=Torrent(b"\x00meta", "ab" * 20, "n1~k1", 12.5), verified=True),
+        ChunkState(lease=Lease("n2~k2", "tok", 99.5, 1234)),
         ChunkState(barred=frozenset({"x", "y"})),
         ChunkState(),
     ),
-    joiners={"n1": 10.0, "n2": 11.25},
+    joiners={"n1~k1": 10.0, "n2~k2": 11.25},
 )
 
 
@@ -92,15 +92,38 @@ async def test_version_changes_with_every_write_and_only_then(store: Store) -> N
 
 async def test_announce_tracks_peers_and_expiry(store: Store) -> None:
     now = time.time()  # Redis expires keys by the wall clock
-    seeder = Peer("seed", "10.0.0.1", 1, True, expires_at=now + 100)
+    seeder = Peer("seed", "10.0.0.1", 1, True, expires_at=now + 100, uploaded=5)
     leecher = Peer("leech", "10.0.0.2", 2, False, expires_at=now + 100)
-    await store.announce(HASH, seeder, stopped=False, numwant=50, now=now)
-    view = await store.announce(HASH, leecher, stopped=False, numwant=50, now=now)
+    await store.announce(HASH, seeder, stopped=False, numwant=50, per_address=4, now=now)
+    view = await store.announce(HASH, leecher, stopped=False, numwant=50, per_address=4, now=now)
     assert view.peers == [seeder] and (view.complete, view.incomplete) == (1, 1)
     assert (await store.scrape(HASH, now=now)).complete == 1
-    await store.announce(HASH, leecher, stopped=True, numwant=50, now=now + 1)
+    await store.announce(HASH, leecher, stopped=True, numwant=50, per_address=4, now=now + 1)
     assert (await store.scrape(HASH, now=now + 1)).incomplete == 0
     assert (await store.scrape(HASH, now=now + 100)).complete == 0  # expired
+
+
+async def test_an_announce_changes_only_its_own_members_entry(store: Store) -> None:
+    now = time.time()
+    honest = Peer("node-1~key-a", "10.0.0.1", 6881, True, expires_at=now + 100)
+    impostor = Peer("node-1~key-b", "10.0.0.2", 6881, False, expires_at=now + 100)
+    await store.announce(HASH, honest, stopped=False, numwant=50, per_address=4, now=now)
+    view = await store.announce(HASH, impostor, stopped=False, numwant=50, per_address=4, now=now)
+    assert view.peers == [honest]  # listed beside it, not in its place
+    await store.announce(HASH, impostor, stopped=True, numwant=50, per_address=4, now=now)
+    assert (await store.scrape(HASH, now=now)).complete == 1  # its stop dropped its own entry only
+
+
+async def test_one_address_holds_at_most_per_address_entries(store: Store) -> None:
+    now = time.time()
+    honest = Peer("honest~key", "10.0.0.9", 6881, False, expires_at=now + 100)
+    await store.announce(HASH, honest, stopped=False, numwant=50, per_address=4, now=now)
+    for i in range(150):
+        sybil = Peer(f"sybil-{i}~key", "10.0.0.66", 7000 + i, False, expires_at=now + 100 + i)
+        view = await store.announce(HASH, sybil, stopped=False, numwant=200, per_address=4, now=now)
+    assert sorted(p.member for p in view.peers) == ["honest~key", "sybil-146~key", "sybil-147~key",
+                                                    "sybil-148~key"]  # fmt: skip
+    assert (await store.scrape(HASH, now=now)).incomplete == 5
 
 
 async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The chunk lease rules, what a sync reports as new, and report verdicts: table-driven, no sockets."""
+"""The chunk lease rules, what a sync reports as new, report verdicts and the peers an announce
+names: table-driven, no sockets."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tracker.swarm import (
     SwarmView,
     Torrent,
     apply_verdicts,
+    displaced,
     leased_chunk,
     news,
     next_expiry,
@@ -57,7 +59,7 @@ def join(
 
 
 def holders(state: BlobState) -> dict[int, str]:
-    return {i: c.lease.node for i, c in enumerate(state.chunks) if c.lease is not None}
+    return {i: c.lease.member for i, c in enumerate(state.chunks) if c.lease is not None}
 
 
 def token(state: BlobState, index: int) -> str:
@@ -148,13 +150,31 @@ def test_expiry_frees_a_chunk_for_another_joiner() -> None:
     assert next_expiry(state, now=20, rules=RULES) == 40
 
 
-def test_a_barred_node_never_gets_that_chunk() -> None:
+def test_a_barred_node_never_gets_that_chunk_whatever_key_it_joins_with() -> None:
     state = blob(2)
     state = BlobState(state.size, state.chunk_size, (ChunkState(barred=frozenset({"a"})), ChunkState()))
-    held, state = join(state, "a", now=0)
+    held, state = join(state, "a~key-1", now=0)
     assert held == [1]
-    held, state = join(state, "b", now=1)
+    held, state = join(state, "a~key-2", now=1)
+    assert held == []
+    held, state = join(state, "b~key-1", now=2)
     assert held == [0]
+
+
+@pytest.mark.parametrize(
+    ("second", "leases"),
+    [
+        ("node-1~key-a", [0]),  # the same key again: the same member
+        ("node-1~key-b", []),  # the node id of the first, another key
+        ("node-2~key-a", []),  # the first's key under another node id: another member
+    ],
+)
+def test_a_lease_belongs_to_the_member_not_the_node_id(second: str, leases: list[int]) -> None:
+    held, state = join(blob(1), "node-1~key-a", now=0)
+    assert held == [0]
+    held, state = join(state, second, now=1)
+    assert held == leases
+    assert holders(state) == {0: "node-1~key-a"}
 
 
 def test_progress_extends_a_lease_only_forward() -> None:
@@ -233,9 +253,9 @@ def test_news_is_what_the_node_lacks_and_what_it_has_that_went(
 
 def test_verdicts_withdraw_and_bar_or_mark_verified() -> None:
     state = BlobState(3 * MIB, MIB, (
-        ChunkState(torrent=Torrent(b"m0", "00" * 20, "liar", 1)),
-        ChunkState(torrent=Torrent(b"m1", "11" * 20, "honest", 1)),
-        ChunkState(torrent=Torrent(b"m2", "22" * 20, "late", 1)),
+        ChunkState(torrent=Torrent(b"m0", "00" * 20, "liar~key-1", 1)),
+        ChunkState(torrent=Torrent(b"m1", "11" * 20, "honest~key-2", 1)),
+        ChunkState(torrent=Torrent(b"m2", "22" * 20, "late~key-3", 1)),
     ))  # fmt: skip
     assert [i for i, _ in to_verify(state)] == [0, 1, 2]
     verdicts = {0: ("00" * 20, False), 1: ("11" * 20, True), 2: ("99" * 20, False)}  # 2: re-published since
@@ -244,9 +264,9 @@ def test_verdicts_withdraw_and_bar_or_mark_verified() -> None:
     assert state.chunks[0] == ChunkState(barred=frozenset({"liar"}))
     assert state.chunks[1].verified and state.chunks[2].torrent is not None
     assert [i for i, _ in to_verify(state)] == [2]
-    held, _ = join(state, "liar", now=2)
+    held, _ = join(state, "liar~key-4", now=2)  # joined again, with a new key
     assert held == []
-    held, _ = join(state, "other", now=2)
+    held, _ = join(state, "other~key-5", now=2)
     assert held == [0]
 
 
@@ -270,15 +290,68 @@ def test_state_round_trips_through_json() -> None:
     assert BlobState.from_json('{"size": 5, "torrent": null, "lease": null}') == BlobState()  # pre-chunks
 
 
-def peer(node: str, seeding: bool = False, expires_at: float = 100) -> Peer:
-    return Peer(node, "10.0.0.1", 6881, seeding, expires_at)
+def test_a_lease_stored_before_members_is_dropped() -> None:
+    _, state = join(blob(1), "a~key", now=0)
+    stored = state.to_json().replace('"member": "a~key"', '"node": "a"')
+    assert BlobState.from_json(stored).chunks == (ChunkState(),)
+
+
+def peer(
+    member: str, seeding: bool = False, expires_at: float = 100, ip: str = "10.0.0.1", port: int = 6881,
+    uploaded: int = 0,
+) -> Peer:  # fmt: skip
+    return Peer(member, ip, port, seeding, expires_at, uploaded)
 
 
 def test_view_leaves_out_asker_expired_and_seeders_for_seeders() -> None:
     peers = [peer("a"), peer("b", seeding=True), peer("c", expires_at=5), peer("d", seeding=True)]
     leech = view_swarm(peers, "a", seeding=False, numwant=50, now=10)
-    assert {p.node for p in leech.peers} == {"b", "d"}
+    assert {p.member for p in leech.peers} == {"b", "d"}
     assert (leech.complete, leech.incomplete) == (2, 1)
     seed = view_swarm(peers, "b", seeding=True, numwant=50, now=10)
-    assert {p.node for p in seed.peers} == {"a"}
+    assert {p.member for p in seed.peers} == {"a"}
     assert len(view_swarm(peers, "x", seeding=False, numwant=1, now=10).peers) == 1
+
+
+SERVING = [peer("idle-1"), peer("idle-2"), peer("uploader", uploaded=1), peer("seeder", seeding=True)]
+
+
+@pytest.mark.parametrize(
+    ("seeding", "numwant", "named"),
+    [
+        (False, 1, [{"seeder"}]),
+        (False, 2, [{"seeder", "uploader"}]),
+        (False, 3, [{"seeder", "uploader", "idle-1"}, {"seeder", "uploader", "idle-2"}]),
+        (True, 1, [{"uploader"}]),  # no seeders to a seeder
+        (True, 2, [{"uploader", "idle-1"}, {"uploader", "idle-2"}]),
+    ],
+)
+def test_view_names_seeders_then_uploaders_then_the_rest(
+    seeding: bool, numwant: int, named: list[set[str]]
+) -> None:
+    for _ in range(20):  # random within a rank
+        view = view_swarm(SERVING, "asker", seeding, numwant, now=10)
+        assert {p.member for p in view.peers} in named
+
+
+X, Y = "10.0.0.1", "10.0.0.2"
+AT_X = [peer("x1", ip=X, port=1, expires_at=10), peer("x2", ip=X, port=2, expires_at=20),
+        peer("x3", ip=X, port=3, expires_at=30), peer("y1", ip=Y, port=1, expires_at=5)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("newest", "per_address", "gone"),
+    [
+        (peer("n", ip=X, port=4, expires_at=40), 4, []),
+        (peer("n", ip=X, port=4, expires_at=40), 2, ["x2", "x1"]),  # the latest announces stay
+        (peer("n", ip=X, port=4, expires_at=40), 1, ["x3", "x2", "x1"]),
+        (peer("n", ip=X, port=2, expires_at=40), 4, ["x2"]),  # the same listener joined again
+        (peer("x3", ip=X, port=3, expires_at=40), 2, ["x1"]),  # announcing again keeps its place
+        (peer("n", ip=Y, port=2, expires_at=40), 1, ["y1"]),
+        (peer("n", ip="10.0.0.3", port=1, expires_at=40), 1, []),  # other addresses are never touched
+    ],
+)
+def test_one_address_fills_at_most_per_address_places(
+    newest: Peer, per_address: int, gone: list[str]
+) -> None:
+    assert displaced(AT_X, newest, per_address) == gone

@@ -425,12 +425,23 @@ async def test_a_false_report_withdraws_nothing_and_is_checked_once(
 
 async def announce(
     session: aiohttp.ClientSession, tracker: RunningTracker, url: str | None, info_hash: bytes, port: int,
-    left: int = 0,
+    left: int = 0, extra: str = "",
 ) -> dict[bytes, Any]:  # fmt: skip
     base = url or f"{tracker.url}/announce?x=1"
-    query = f"&info_hash={quote_from_bytes(info_hash)}&port={port}&left={left}&compact=1"
+    query = f"&info_hash={quote_from_bytes(info_hash)}&port={port}&left={left}&compact=1{extra}"
     async with session.get(base + query, ssl=tracker.ssl_context()) as resp:
         return bencoding.decode(await resp.read())  # type: ignore[no-any-return]
+
+
+def from_address(ip: str) -> aiohttp.ClientSession:
+    """A client whose connections come from `ip` (any of 127.0.0.0/8 is this machine's)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ip, 0)))
+
+
+def peers_of(reply: dict[bytes, Any]) -> list[tuple[str, int]]:
+    raw = reply[b"peers"]
+    return [(".".join(map(str, raw[i : i + 4])), int.from_bytes(raw[i + 4 : i + 6], "big"))
+            for i in range(0, len(raw), 6)]  # fmt: skip
 
 
 async def test_nodes_announce_the_blobs_swarm_id(lab: Lab, tracker: RunningTracker) -> None:
@@ -454,6 +465,85 @@ async def test_nodes_announce_the_blobs_swarm_id(lab: Lab, tracker: RunningTrack
         async with session.get(scrape_url + query, ssl=tracker.ssl_context()) as resp:
             files = bencoding.decode(await resp.read())[b"files"]
         assert files == {swarm_id: {b"complete": 1, b"incomplete": 1, b"downloaded": 0}}
+
+
+async def test_a_second_key_naming_a_node_gets_none_of_its_leases(lab: Lab, tracker: RunningTracker) -> None:
+    async with tracker.client() as (client, _):
+        first = await join(client, lab, node=NODE)
+        impostor = await join(client, lab, node=NODE)  # another key, the same node id
+        assert (leased(first), leased(impostor)) == ([0, 1], [])
+        assert leased(await client.sync(lab.blob_a, impostor.key, [], wait=0)) == []
+        assert impostor.key != first.key
+        await client.progress(lab.blob_a, token(first, 0), 100)
+        await client.publish_chunk(lab.blob_a, 0, token(first, 0), lab.chunk_torrent(first, 0))
+        own = await client.sync(lab.blob_a, impostor.key, [], wait=0)
+        assert leased(own) == [2]  # a lease of its own, for the slot that came free
+        with pytest.raises(TrackerRefused) as refused:  # its lease does not publish the first's chunk
+            await client.publish_chunk(lab.blob_a, 1, token(own, 2), lab.chunk_torrent(first, 1))
+        assert refused.value.status == 409
+        assert leased(await client.sync(lab.blob_a, first.key, [], wait=0)) == [1]
+        await client.publish_chunk(lab.blob_a, 1, token(first, 1), lab.chunk_torrent(first, 1))
+    joins = events(tracker, "join")
+    assert [e["node"] for e in joins] == [str(NODE)] * 2 and len({e["key"] for e in joins}) == 2
+    assert len({e["key"] for e in events(tracker, "published")}) == 1
+
+
+async def test_an_announce_with_another_key_neither_replaces_nor_evicts_an_entry(
+    lab: Lab, tracker: RunningTracker
+) -> None:
+    swarm_id = lab.blob_a.swarm_id.raw
+    async with (
+        tracker.client() as (client, impostor_address),
+        from_address("127.0.0.2") as honest_address,
+        from_address("127.0.0.3") as observer_address,
+    ):
+        honest = await join(client, lab, node=NODE)
+        impostor = await join(client, lab, node=NODE)  # the same node id, another key
+        observer = await join(client, lab, node=NodeId.parse("observer"))
+        await announce(honest_address, tracker, honest.announce, swarm_id, 7201)
+        reply = await announce(impostor_address, tracker, impostor.announce, swarm_id, 7201, left=5)
+        assert peers_of(reply) == [("127.0.0.2", 7201)]
+        await announce(impostor_address, tracker, impostor.announce, swarm_id, 7201, extra="&event=stopped")
+        seen = await announce(observer_address, tracker, observer.announce, swarm_id, 7202, left=5)
+        assert peers_of(seen) == [("127.0.0.2", 7201)]  # the honest node's entry, and only it
+
+
+async def test_peers_are_listed_at_the_address_they_announce_from(lab: Lab, tracker: RunningTracker) -> None:
+    swarm_id = lab.blob_a.swarm_id.raw
+    async with tracker.client() as (client, session), from_address("127.0.0.2") as elsewhere:
+        seeder = await join(client, lab, node=NodeId.parse("seeder"))
+        leecher = await join(client, lab, node=NodeId.parse("leecher"))
+        await announce(elsewhere, tracker, seeder.announce, swarm_id, 7301, extra="&ip=10.9.9.9")
+        reply = await announce(session, tracker, leecher.announce, swarm_id, 7302, left=5)
+        assert peers_of(reply) == [("127.0.0.2", 7301)]
+
+
+async def test_many_joins_from_one_address_fill_at_most_peers_per_address_places(
+    lab: Lab, tmp_path: Path
+) -> None:
+    swarm_id = lab.blob_a.swarm_id.raw
+    config = config_for(lab, tmp_path, peers_per_address=3)
+    async with (
+        run_tracker(tmp_path, lab.tls_ca, config) as tracker,
+        tracker.client() as (client, sybils),
+        from_address("127.0.0.2") as honest_address,
+        from_address("127.0.0.3") as newcomer_address,
+    ):
+        honest = await join(client, lab, node=NodeId.parse("honest"))
+        await announce(honest_address, tracker, honest.announce, swarm_id, 7401, left=5, extra="&uploaded=9")
+        credential = lab.pull()  # one credential, 150 joins with fresh keys and node ids
+        for i in range(150):
+            sybil = await join(client, lab, node=NodeId.parse(f"sybil-{i}"), authorization=credential)
+            await announce(sybils, tracker, sybil.announce, swarm_id, 8000 + i, left=5)
+        newcomer = await join(client, lab, node=NodeId.parse("newcomer"))
+        reply = await announce(newcomer_address, tracker, newcomer.announce, swarm_id, 7402, left=5,
+                               extra="&numwant=200")  # fmt: skip
+        assert sorted(peers_of(reply)) == [("127.0.0.1", 8147), ("127.0.0.1", 8148), ("127.0.0.1", 8149),
+                                           ("127.0.0.2", 7401)]  # fmt: skip
+        assert reply[b"incomplete"] == 5
+        first = await announce(newcomer_address, tracker, newcomer.announce, swarm_id, 7402, left=5,
+                               extra="&numwant=1")  # fmt: skip
+        assert peers_of(first) == [("127.0.0.2", 7401)]  # the one that has served comes first
 
 
 async def test_a_dead_swarm_gets_new_origins(lab: Lab, tmp_path: Path) -> None:
