@@ -55,7 +55,12 @@ class TrackerConfig:
     chunk_size: Size = 8 * 2**20
     # Chunks of one blob leased at once: the registry serves at most this many in parallel, so its
     # bytes leave roughly in order and the first chunks are published early.
-    chunks_in_flight: int = 2
+    chunks_in_flight: int = 4
+    # Chunks coming from one registry at once over all its blobs: an image's layers are fetched in
+    # parallel, and each chunk must take well under a node's stall_timeout (chunk time is about
+    # registry_in_flight x chunk_size / the registry's link). 8 nodes, 4 layers, 50 Mbit/s
+    # (tests/bench/rollout.py): 3 per blob (12 at once) took 16-70 s a chunk, waiters gave up.
+    registry_in_flight: int = 6
     # A node fetching a chunk of a blob gets a second one at once only this long after the first:
     # the nodes of a rollout join within a second or so, and the first of them must not take every
     # chunk the registry may send at once (all onto its one downlink) while the others find none.
@@ -83,8 +88,8 @@ class TrackerConfig:
             check_chunk_size(self.chunk_size)
         except ValueError as exc:
             raise ValueError(f"chunk_size: {exc}") from None
-        if self.chunks_in_flight < 1:
-            raise ValueError("chunks_in_flight must be at least 1")
+        if self.chunks_in_flight < 1 or self.registry_in_flight < 1:
+            raise ValueError("chunks_in_flight and registry_in_flight must be at least 1")
         if self.peers_per_address < 1:
             raise ValueError("peers_per_address must be at least 1")
 

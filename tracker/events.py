@@ -68,3 +68,34 @@ class BlobLocks:
                 del self._locks[digest]
             else:
                 self._locks[digest] = (lock, users - 1)
+
+
+class RegistryLoad:
+    """Chunks coming from each registry at once, over all its blobs, as this process last wrote
+    them: a blob's leases are in its own state, and no join should read every other blob's to
+    learn how busy their registry is. With replicas each sees its own writes, so the bound is per
+    replica; a lease counts until it expires unless a later write of its blob drops it."""
+
+    def __init__(self) -> None:
+        self._fetching: dict[str, dict[Digest, list[float]]] = {}  # registry -> blob -> expiries
+
+    def note(self, digest: Digest, registry: str | None, expiries: list[float]) -> None:
+        """The leases of `digest` still fetching, by when each expires; blobs with none are forgotten."""
+        if registry is None:
+            return
+        blobs = self._fetching.setdefault(registry, {})
+        if expiries:
+            blobs[digest] = expiries
+        else:
+            blobs.pop(digest, None)
+            if not blobs:
+                del self._fetching[registry]
+
+    def elsewhere(self, digest: Digest, registry: str | None, now: float) -> int:
+        """Chunks of the registry's other blobs coming from it now."""
+        blobs = self._fetching.get(registry or "", {})
+        return sum(sum(t > now for t in expiries) for blob, expiries in blobs.items() if blob != digest)
+
+    def neighbours(self, digest: Digest, registry: str | None) -> list[Digest]:
+        """The registry's other blobs with chunks in flight: a freed slot may be theirs."""
+        return [blob for blob in self._fetching.get(registry or "", {}) if blob != digest]

@@ -38,7 +38,7 @@ from tracker.announce import (
 from tracker.auth import Denied, Grant, JoinAuthorizer
 from tracker.client import LEASE_HEADER
 from tracker.config import RegistryConfig, TrackerConfig
-from tracker.events import BlobEvents, BlobLocks
+from tracker.events import BlobEvents, BlobLocks, RegistryLoad
 from tracker.metainfo import check_metainfo, pieces_root
 from tracker.metrics import TrackerMetrics
 from tracker.registry import BlobReader, RegistryUnavailable
@@ -89,13 +89,35 @@ class Tracker:
     metrics: TrackerMetrics
     events: BlobEvents = field(default_factory=BlobEvents)
     checks: BlobLocks = field(default_factory=BlobLocks)  # one report check per blob at a time
+    load: RegistryLoad = field(default_factory=RegistryLoad)
 
     @property
     def rules(self) -> Rules:
         config = self.config
         return Rules(
-            config.origin_lease, config.chunks_in_flight, config.announce_interval, config.lone_grace
-        )
+            config.origin_lease, config.chunks_in_flight, config.announce_interval, config.lone_grace,
+            config.registry_in_flight,
+        )  # fmt: skip
+
+    async def update_blob(self, digest: Digest, change: Change[T]) -> T:
+        """`store.update_blob`, and the registry's load as the written state leaves it."""
+        written: list[BlobState] = []
+
+        def noted(state: BlobState) -> tuple[T, BlobState]:
+            result, new = change(state)
+            written[:] = [new]
+            return result, new
+
+        result = await self.store.update_blob(digest, noted)
+        state = written[0]
+        self.load.note(digest, state.registry, [lease.expires_at for lease in state.fetching()])
+        return result
+
+    def wake(self, digest: Digest, registry: str | None) -> None:
+        """A chunk of `digest` stopped coming from the registry: long-polls of the blob and of the
+        registry's other busy blobs re-decide, since a slot came free."""
+        for blob in [digest, *self.load.neighbours(digest, registry)]:
+            self.events.notify(blob)
 
 
 TRACKER = web.AppKey("tracker", Tracker)
@@ -157,11 +179,12 @@ async def _join(request: web.Request, tracker: Tracker) -> web.Response:
     swarm = await tracker.store.scrape(digest.swarm_id, now)
 
     def change(state: BlobState) -> tuple[tuple[Visit, BlobState], BlobState]:
-        planned = start(state, size, config.chunk_size)
-        seen, new = visit(planned, str(member), now, tracker.rules, swarm, _token)
+        planned = start(state, size, config.chunk_size, registry.host)
+        elsewhere = tracker.load.elsewhere(digest, planned.registry, now)
+        seen, new = visit(planned, str(member), now, tracker.rules, swarm, _token, elsewhere)
         return (seen, new), new
 
-    seen, state = await tracker.store.update_blob(digest, change)
+    seen, state = await tracker.update_blob(digest, change)
     tracker.metrics.joins.inc()
     logger.info("%s joins %s", node, digest, extra={"event": "join", **_who(member), "digest": str(digest)})
     _visited(tracker, digest, member, seen)
@@ -225,10 +248,11 @@ async def _sync_visit(
     def change(state: BlobState) -> tuple[tuple[Visit, BlobState], BlobState]:
         if state.size is None:
             raise ApiError(errors.BLOB_UNKNOWN, f"nobody joined {digest}: join first")
-        seen, new = visit(state, str(member), now, tracker.rules, swarm, _token)
+        elsewhere = tracker.load.elsewhere(digest, state.registry, now)
+        seen, new = visit(state, str(member), now, tracker.rules, swarm, _token, elsewhere)
         return (seen, new), new
 
-    seen, state = await tracker.store.update_blob(digest, change)
+    seen, state = await tracker.update_blob(digest, change)
     _visited(tracker, digest, member, seen)
     return seen, state
 
@@ -275,9 +299,14 @@ async def progress(request: web.Request) -> web.Response:
     if not isinstance(done, int) or isinstance(done, bool) or done < 0:
         raise ApiError(errors.BAD_REQUEST, "bytes must be a non-negative integer")
     lease = tracker.config.origin_lease
-    fetched = await _update(tracker, digest, lambda s: record_progress(s, token, done, time.time(), lease))
+
+    def change(state: BlobState) -> tuple[tuple[bool, str | None], BlobState]:
+        fetched, new = record_progress(state, token, done, time.time(), lease)
+        return (fetched, new.registry), new
+
+    fetched, registry = await _update(tracker, digest, change)
     if fetched:  # the chunk's origin is no longer fetching: a long-poll may lease the next chunk
-        tracker.events.notify(digest)
+        tracker.wake(digest, registry)
     return web.json_response({"lease_seconds": lease})
 
 
@@ -351,7 +380,7 @@ async def _check_report(
 ) -> list[int]:
     """Withdraw the published chunks whose pieces root differs from the registry's bytes; mark the
     others verified, so that another report of them costs no registry read."""
-    state = await tracker.store.update_blob(digest, lambda s: (s, s))
+    state = await tracker.update_blob(digest, lambda s: (s, s))
     suspects = to_verify(state)
     withdrawn: list[int] = []
     if suspects and state.chunk_size is not None:
@@ -415,7 +444,7 @@ def _key_member(tracker: Tracker, key: str, digest: Digest) -> Member:
 async def _update(tracker: Tracker, digest: Digest, change: Change[T]) -> T:
     """Apply a state change, translating the swarm's refusals into API errors."""
     try:
-        return await tracker.store.update_blob(digest, change)
+        return await tracker.update_blob(digest, change)
     except LeaseLost as exc:
         raise ApiError(errors.CONFLICT, str(exc)) from None
     except ValueError as exc:

@@ -130,6 +130,7 @@ class BlobState:
     chunk_size: int | None = None  # fixed at the first join, so a config change never re-cuts a blob
     chunks: tuple[ChunkState, ...] = ()  # by chunk index
     joiners: Mapping[str, float] = field(default_factory=dict)  # active member -> last seen
+    registry: str | None = None  # the registry host of the first join: whose link its chunks share
 
     def plan(self) -> list[Chunk]:
         if self.size is None or self.chunk_size is None:
@@ -143,6 +144,10 @@ class BlobState:
             if c.lease is not None and c.lease.member == member
         ]
 
+    def fetching(self) -> list[Lease]:
+        """Leases whose chunk is still coming from the registry."""
+        return _fetching_leases(list(self.chunks), [chunk.length for chunk in self.plan()])
+
     def published(self) -> list[tuple[int, Torrent]]:
         return [(i, c.torrent) for i, c in enumerate(self.chunks) if c.torrent is not None]
 
@@ -151,6 +156,7 @@ class BlobState:
             {
                 "size": self.size,
                 "chunk_size": self.chunk_size,
+                "registry": self.registry,
                 "chunks": [chunk.to_dict() for chunk in self.chunks],
                 "joiners": dict(self.joiners),
             }
@@ -167,6 +173,7 @@ class BlobState:
         return cls(
             size=data["size"],
             chunk_size=data["chunk_size"],
+            registry=data.get("registry"),
             chunks=tuple(ChunkState.from_dict(chunk) for chunk in data["chunks"]),
             joiners=data["joiners"],
         )
@@ -178,6 +185,7 @@ class Rules:
     chunks_in_flight: int
     announce_interval: float
     lone_grace: float  # a node's next chunk of a blob at once comes this long after its last
+    registry_in_flight: int  # chunks coming from one registry at once, over all its blobs
 
 
 @dataclass(frozen=True)
@@ -193,12 +201,12 @@ class LeaseLost(Exception):
     """The caller does not hold that chunk lease (expired, withdrawn or never held)."""
 
 
-def start(state: BlobState, size: int, chunk_size: int) -> BlobState:
+def start(state: BlobState, size: int, chunk_size: int, registry: str | None = None) -> BlobState:
     """The blob's chunks, planned at its first join; later joins keep the plan."""
     if state.size is not None:
         return state
     chunks = tuple(ChunkState() for _ in plan(size, chunk_size))
-    return BlobState(size=size, chunk_size=chunk_size, chunks=chunks, joiners=state.joiners)
+    return BlobState(size, chunk_size, chunks, state.joiners, registry)
 
 
 def visit(
@@ -208,16 +216,18 @@ def visit(
     rules: Rules,
     swarm: SwarmView | None,
     new_token: Callable[[], str],
+    elsewhere: int = 0,
 ) -> tuple[Visit, BlobState]:
     """A join or sync by `member`: drop expired leases, reset a dead swarm, note the member as
     active, grant it leases. `swarm` is the blob's scrape; None means "not looked at" (a long-poll
-    re-check), so nothing is reset."""
+    re-check), so nothing is reset. `elsewhere`: chunks of the registry's other blobs coming from
+    it now."""
     state = _drop_expired(state, now)
     reset: list[int] = []
     if swarm is not None and swarm.complete + swarm.incomplete == 0:
         reset, state = _reset_dead(state, now, rules.announce_interval)
     state = _seen(state, member, now)
-    granted, state = _grant(state, member, now, rules, new_token)
+    granted, state = _grant(state, member, now, rules, new_token, elsewhere)
     return Visit(state.leases_of(member), granted, reset), state
 
 
@@ -255,17 +265,21 @@ def _seen(state: BlobState, member: str, now: float) -> BlobState:
 
 
 def _grant(
-    state: BlobState, member: str, now: float, rules: Rules, new_token: Callable[[], str]
+    state: BlobState, member: str, now: float, rules: Rules, new_token: Callable[[], str], elsewhere: int
 ) -> tuple[list[int], BlobState]:
     """Lease `member` the lowest-index free chunks while fewer than `chunks_in_flight` are still
-    coming from the registry. A member already fetching one gets another only when no other active
-    joiner that could take a chunk is fetching none, and `lone_grace` after its newest lease. A
-    lease whose bytes have all arrived (its origin hashes and publishes the chunk) no longer
-    counts: the registry's link goes on to the next chunk meanwhile."""
+    coming from the registry, and fewer than `registry_in_flight` counting the `elsewhere` chunks
+    of the registry's other blobs (each chunk must take a short time even when an image's layers
+    are fetched in parallel: a chunk is published only once complete). A member already fetching
+    one gets another only when no other active joiner that could take a chunk is fetching none, and
+    `lone_grace` after its newest lease. A lease whose bytes have all arrived (its origin hashes and
+    publishes the chunk) no longer counts: the registry's link goes on to the next chunk meanwhile."""
     chunks = list(state.chunks)
     lengths = [chunk.length for chunk in state.plan()]
     granted: list[int] = []
-    while len(_fetching(chunks, lengths)) < rules.chunks_in_flight:
+    while (fetching := len(_fetching(chunks, lengths))) < rules.chunks_in_flight:
+        if fetching + elsewhere >= rules.registry_in_flight:
+            break
         free = [i for i, c in enumerate(chunks) if c.free_for(member)]
         if not free:
             break
@@ -285,13 +299,17 @@ def _newest_grant(chunks: list[ChunkState], member: str) -> float:
     return max(granted, default=0.0)
 
 
-def _fetching(chunks: list[ChunkState], lengths: list[int]) -> list[str]:
-    """The member of each lease whose chunk is still coming from the registry."""
+def _fetching_leases(chunks: list[ChunkState], lengths: list[int]) -> list[Lease]:
     return [
-        c.lease.member
+        c.lease
         for c, length in zip(chunks, lengths, strict=True)
         if c.lease is not None and c.lease.bytes_done < length
     ]
+
+
+def _fetching(chunks: list[ChunkState], lengths: list[int]) -> list[str]:
+    """The member of each lease whose chunk is still coming from the registry."""
+    return [lease.member for lease in _fetching_leases(chunks, lengths)]
 
 
 def _another_waits(

@@ -29,7 +29,9 @@ from tracker.swarm import (
 
 BLOB = Digest("c" * 64)
 HASH = InfoHash(b"\x07" * 20)
-RULES = Rules(lease_seconds=60, chunks_in_flight=2, announce_interval=30, lone_grace=1)
+RULES = Rules(
+    lease_seconds=60, chunks_in_flight=2, announce_interval=30, lone_grace=1, registry_in_flight=100
+)
 STATE = BlobState(
     size=3 * 2**20 + 5,
     chunk_size=2**20,

@@ -34,8 +34,12 @@ from tracker.swarm import (
 
 MIB = 2**20
 LONE_GRACE = 1.0
-RULES = Rules(lease_seconds=20, chunks_in_flight=2, announce_interval=30, lone_grace=0)
-GRACE = Rules(lease_seconds=20, chunks_in_flight=2, announce_interval=30, lone_grace=LONE_GRACE)
+RULES = Rules(
+    lease_seconds=20, chunks_in_flight=2, announce_interval=30, lone_grace=0, registry_in_flight=100
+)
+GRACE = Rules(
+    lease_seconds=20, chunks_in_flight=2, announce_interval=30, lone_grace=LONE_GRACE, registry_in_flight=100
+)
 ALIVE = SwarmView([], complete=1, incomplete=0)
 DEAD = SwarmView([], complete=0, incomplete=0)
 
@@ -89,14 +93,14 @@ def test_start_plans_the_chunks_once() -> None:
 def test_a_lone_joiner_takes_one_more_chunk_each_grace_up_to_chunks_in_flight(
     in_flight: int, chunks: int, at: list[float], leased: list[int]
 ) -> None:
-    rules, state = Rules(20, in_flight, 30, LONE_GRACE), blob(chunks)
+    rules, state = Rules(20, in_flight, 30, LONE_GRACE, 100), blob(chunks)
     for now in at:
         held, state = join(state, "a", now=now, rules=rules)
     assert held == leased
 
 
 def test_two_active_joiners_get_one_each_lowest_first_and_a_third_waits() -> None:
-    _, state = join(blob(), "b", now=0, rules=Rules(20, 0 + 1, 30, 0))  # b active, holding chunk 0
+    _, state = join(blob(), "b", now=0, rules=Rules(20, 0 + 1, 30, 0, 100))  # b active, holding chunk 0
     state = publish(state, 0, token(state, 0), b"meta", "00" * 20, now=1)  # ...and done with it
     held_a, state = join(state, "a", now=2)
     assert held_a == [1]  # not [1, 2]: b is active and holds nothing
@@ -118,7 +122,7 @@ def test_a_second_lease_once_other_joiners_hold_one_or_went_quiet() -> None:
 
 
 def test_an_inactive_joiner_does_not_hold_back_a_second_lease() -> None:
-    _, state = join(blob(), "b", now=0, rules=Rules(20, 1, 30, 0))
+    _, state = join(blob(), "b", now=0, rules=Rules(20, 1, 30, 0, 100))
     state = publish(state, 0, token(state, 0), b"meta", "00" * 20, now=1)
     held, _ = join(state, "a", now=2)
     assert held == [1]
@@ -127,7 +131,7 @@ def test_an_inactive_joiner_does_not_hold_back_a_second_lease() -> None:
 
 
 def test_the_first_of_many_joiners_takes_one_chunk_not_all() -> None:
-    rules = Rules(20, 4, 30, LONE_GRACE)
+    rules = Rules(20, 4, 30, LONE_GRACE, 100)
     _, state = join(blob(), "a", now=0, rules=rules)
     for node, now in [("b", 0.2), ("c", 0.4), ("a", 0.6), ("d", 0.8)]:
         _, state = join(state, node, now=now, rules=rules)
@@ -355,3 +359,12 @@ def test_one_address_fills_at_most_per_address_places(
     newest: Peer, per_address: int, gone: list[str]
 ) -> None:
     assert displaced(AT_X, newest, per_address) == gone
+
+
+@pytest.mark.parametrize(("elsewhere", "leased"), [(0, [0, 1]), (4, [0, 1]), (5, [0]), (6, []), (9, [])])
+def test_chunks_of_the_registrys_other_blobs_count_against_registry_in_flight(
+    elsewhere: int, leased: list[int]
+) -> None:
+    rules = Rules(20, 2, 30, 0, registry_in_flight=6)
+    seen, _ = visit(blob(), "a", 0, rules, ALIVE, tokens(), elsewhere)
+    assert [index for index, _ in seen.leases] == leased

@@ -100,8 +100,10 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
 
 
 def config_for(lab: Lab, work: Path, **overrides: Any) -> dict[str, Any]:
-    # No lone_grace: a lone joiner takes chunks_in_flight leases at once, which most tests build on.
-    config = tracker_config(work, lab.tls_ca, [lab.registry_entry()], chunk_size="1MiB", lone_grace=0)
+    # No lone_grace: a lone joiner takes both chunks_in_flight leases at once, which most tests build on.
+    config = tracker_config(
+        work, lab.tls_ca, [lab.registry_entry()], chunk_size="1MiB", lone_grace=0, chunks_in_flight=2
+    )
     return config | overrides
 
 
