@@ -11,6 +11,10 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from common.ids import Digest
+from tracker.swarm import ACTIVE_JOINER_SECONDS, BlobState, Elsewhere, Lease, node_of
+
+# Longer than a long-poll: a blob whose nodes all wait in `sync` is still being fetched.
+ACTIVE_SECONDS = ACTIVE_JOINER_SECONDS
 
 
 class BlobEvents:
@@ -71,31 +75,45 @@ class BlobLocks:
 
 
 class RegistryLoad:
-    """Chunks coming from each registry at once, over all its blobs, as this process last wrote
-    them: a blob's leases are in its own state, and no join should read every other blob's to
-    learn how busy their registry is. With replicas each sees its own writes, so the bound is per
-    replica; a lease counts until it expires unless a later write of its blob drops it."""
+    """What each registry is busy with, over all its blobs, as this process last wrote them: a
+    blob's leases are in its own state, and no join should read every other blob's to learn how
+    busy their registry is. With replicas each sees its own writes, so the bounds are per replica.
+    A lease counts until it expires unless a later write of its blob drops it; a blob counts as
+    being fetched while it has unpublished chunks and was written in the last `ACTIVE_SECONDS`."""
 
     def __init__(self) -> None:
-        self._fetching: dict[str, dict[Digest, list[float]]] = {}  # registry -> blob -> expiries
+        self._blobs: dict[
+            str, dict[Digest, tuple[float, list[Lease]]]
+        ] = {}  # registry -> blob -> (written, fetching)
 
-    def note(self, digest: Digest, registry: str | None, expiries: list[float]) -> None:
-        """The leases of `digest` still fetching, by when each expires; blobs with none are forgotten."""
-        if registry is None:
+    def note(self, digest: Digest, state: BlobState, now: float) -> None:
+        if state.registry is None:  # a state from before blobs named their registry
             return
-        blobs = self._fetching.setdefault(registry, {})
-        if expiries:
-            blobs[digest] = expiries
-        else:
+        blobs = self._blobs.setdefault(state.registry, {})
+        if all(chunk.torrent is not None for chunk in state.chunks):
             blobs.pop(digest, None)
-            if not blobs:
-                del self._fetching[registry]
+        else:
+            blobs[digest] = (now, state.fetching())
+        for blob, (written, _) in list(blobs.items()):
+            if written <= now - ACTIVE_SECONDS:
+                del blobs[blob]
+        if not blobs:
+            del self._blobs[state.registry]
 
-    def elsewhere(self, digest: Digest, registry: str | None, now: float) -> int:
-        """Chunks of the registry's other blobs coming from it now."""
-        blobs = self._fetching.get(registry or "", {})
-        return sum(sum(t > now for t in expiries) for blob, expiries in blobs.items() if blob != digest)
+    def elsewhere(self, digest: Digest, registry: str | None, now: float) -> Elsewhere:
+        """The registry's work on blobs other than `digest`."""
+        others = [
+            (written, leases)
+            for blob, (written, leases) in self._blobs.get(registry or "", {}).items()
+            if blob != digest and written > now - ACTIVE_SECONDS
+        ]
+        live = [lease for _, leases in others for lease in leases if lease.expires_at > now]
+        nodes: dict[str, float] = {}
+        for lease in live:
+            node = node_of(lease.member)
+            nodes[node] = max(nodes.get(node, 0.0), lease.granted_at)
+        return Elsewhere(len(live), len(others), nodes)
 
     def neighbours(self, digest: Digest, registry: str | None) -> list[Digest]:
-        """The registry's other blobs with chunks in flight: a freed slot may be theirs."""
-        return [blob for blob in self._fetching.get(registry or "", {}) if blob != digest]
+        """The registry's other blobs being fetched: a freed slot may be theirs."""
+        return [blob for blob in self._blobs.get(registry or "", {}) if blob != digest]

@@ -109,8 +109,7 @@ class Tracker:
             return result, new
 
         result = await self.store.update_blob(digest, noted)
-        state = written[0]
-        self.load.note(digest, state.registry, [lease.expires_at for lease in state.fetching()])
+        self.load.note(digest, written[0], time.time())
         return result
 
     def wake(self, digest: Digest, registry: str | None) -> None:

@@ -189,6 +189,17 @@ class Rules:
 
 
 @dataclass(frozen=True)
+class Elsewhere:
+    """What the blob's registry is busy with on its other blobs: chunks coming from it, how many of
+    its other blobs are still being fetched, and the nodes fetching them (by when each last got a
+    lease). Node ids here only spread the load, they grant nothing."""
+
+    fetching: int = 0
+    blobs: int = 0
+    nodes: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Visit:
     """What a join or sync of one member decided."""
 
@@ -216,18 +227,17 @@ def visit(
     rules: Rules,
     swarm: SwarmView | None,
     new_token: Callable[[], str],
-    elsewhere: int = 0,
+    elsewhere: Elsewhere | None = None,
 ) -> tuple[Visit, BlobState]:
     """A join or sync by `member`: drop expired leases, reset a dead swarm, note the member as
     active, grant it leases. `swarm` is the blob's scrape; None means "not looked at" (a long-poll
-    re-check), so nothing is reset. `elsewhere`: chunks of the registry's other blobs coming from
-    it now."""
+    re-check), so nothing is reset."""
     state = _drop_expired(state, now)
     reset: list[int] = []
     if swarm is not None and swarm.complete + swarm.incomplete == 0:
         reset, state = _reset_dead(state, now, rules.announce_interval)
     state = _seen(state, member, now)
-    granted, state = _grant(state, member, now, rules, new_token, elsewhere)
+    granted, state = _grant(state, member, now, rules, new_token, elsewhere or Elsewhere())
     return Visit(state.leases_of(member), granted, reset), state
 
 
@@ -265,27 +275,35 @@ def _seen(state: BlobState, member: str, now: float) -> BlobState:
 
 
 def _grant(
-    state: BlobState, member: str, now: float, rules: Rules, new_token: Callable[[], str], elsewhere: int
+    state: BlobState,
+    member: str,
+    now: float,
+    rules: Rules,
+    new_token: Callable[[], str],
+    elsewhere: Elsewhere,
 ) -> tuple[list[int], BlobState]:
     """Lease `member` the lowest-index free chunks while fewer than `chunks_in_flight` are still
-    coming from the registry, and fewer than `registry_in_flight` counting the `elsewhere` chunks
-    of the registry's other blobs (each chunk must take a short time even when an image's layers
-    are fetched in parallel: a chunk is published only once complete). A member already fetching
-    one gets another only when no other active joiner that could take a chunk is fetching none, and
-    `lone_grace` after its newest lease. A lease whose bytes have all arrived (its origin hashes and
-    publishes the chunk) no longer counts: the registry's link goes on to the next chunk meanwhile."""
+    coming from the registry, and the registry's slots allow: `registry_in_flight` over all its
+    blobs, each blob being fetched taking no more than its share of them (each chunk must take a
+    short time even when an image's layers are fetched in parallel: a chunk is published only
+    once complete). A member whose node is already fetching a chunk (of this blob or of another of
+    the registry's) gets another only when no other active joiner that could take a chunk is
+    fetching none, and `lone_grace` after its node's newest lease. A lease whose bytes have all
+    arrived (its origin hashes and publishes the chunk) no longer counts: the registry's link goes
+    on to the next chunk meanwhile."""
     chunks = list(state.chunks)
     lengths = [chunk.length for chunk in state.plan()]
     granted: list[int] = []
-    while (fetching := len(_fetching(chunks, lengths))) < rules.chunks_in_flight:
-        if fetching + elsewhere >= rules.registry_in_flight:
+    share = max(1, -(-rules.registry_in_flight // (elsewhere.blobs + 1)))  # of the registry's slots
+    while (fetching := len(_fetching(chunks, lengths))) < min(rules.chunks_in_flight, share):
+        if fetching + elsewhere.fetching >= rules.registry_in_flight:
             break
         free = [i for i, c in enumerate(chunks) if c.free_for(member)]
         if not free:
             break
-        if member in _fetching(chunks, lengths) and (
-            _another_waits(chunks, lengths, state.joiners, member, now)
-            or _newest_grant(chunks, member) > now - rules.lone_grace
+        newest = _newest_fetch(chunks, lengths, member, elsewhere)
+        if newest is not None and (
+            _another_waits(chunks, lengths, state.joiners, member, now) or newest > now - rules.lone_grace
         ):
             break
         lease = Lease(member, new_token(), now + rules.lease_seconds, granted_at=now)
@@ -294,9 +312,14 @@ def _grant(
     return granted, replace(state, chunks=tuple(chunks)) if granted else state
 
 
-def _newest_grant(chunks: list[ChunkState], member: str) -> float:
-    granted = [c.lease.granted_at for c in chunks if c.lease is not None and c.lease.member == member]
-    return max(granted, default=0.0)
+def _newest_fetch(
+    chunks: list[ChunkState], lengths: list[int], member: str, elsewhere: Elsewhere
+) -> float | None:
+    """When the member's node last got a lease it is still fetching, on this blob or on the
+    registry's others; None when it fetches none."""
+    here = [lease.granted_at for lease in _fetching_leases(chunks, lengths) if lease.member == member]
+    there = elsewhere.nodes.get(node_of(member))
+    return max([*here, *([] if there is None else [there])], default=None)
 
 
 def _fetching_leases(chunks: list[ChunkState], lengths: list[int]) -> list[Lease]:

@@ -13,6 +13,7 @@ from tracker.swarm import (
     ACTIVE_JOINER_SECONDS,
     BlobState,
     ChunkState,
+    Elsewhere,
     Lease,
     LeaseLost,
     Peer,
@@ -361,10 +362,21 @@ def test_one_address_fills_at_most_per_address_places(
     assert displaced(AT_X, newest, per_address) == gone
 
 
-@pytest.mark.parametrize(("elsewhere", "leased"), [(0, [0, 1]), (4, [0, 1]), (5, [0]), (6, []), (9, [])])
-def test_chunks_of_the_registrys_other_blobs_count_against_registry_in_flight(
-    elsewhere: int, leased: list[int]
+@pytest.mark.parametrize(
+    ("elsewhere", "grace", "leased"),
+    [
+        (Elsewhere(), 0, [0, 1]),
+        (Elsewhere(fetching=4, blobs=1), 0, [0, 1]),
+        (Elsewhere(fetching=5, blobs=1), 0, [0]),  # registry_in_flight reached
+        (Elsewhere(fetching=6, blobs=1), 0, []),
+        (Elsewhere(fetching=1, blobs=5), 0, [0]),  # six blobs share six slots: one each
+        (Elsewhere(fetching=1, blobs=1, nodes={"a": 0.0}), LONE_GRACE, []),  # a fetches elsewhere
+        (Elsewhere(fetching=1, blobs=1, nodes={"a": -5.0}), LONE_GRACE, [0]),  # ... its grace is over
+    ],
+)
+def test_the_registrys_other_blobs_limit_what_a_blob_may_fetch(
+    elsewhere: Elsewhere, grace: float, leased: list[int]
 ) -> None:
-    rules = Rules(20, 2, 30, 0, registry_in_flight=6)
+    rules = Rules(20, 2, 30, grace, registry_in_flight=6)
     seen, _ = visit(blob(), "a", 0, rules, ALIVE, tokens(), elsewhere)
     assert [index for index, _ in seen.leases] == leased
