@@ -112,7 +112,8 @@ class RegistryLoad:
         for lease in live:
             node = node_of(lease.member)
             nodes[node] = max(nodes.get(node, 0.0), lease.granted_at)
-        return Elsewhere(len(live), len(others), nodes)
+        idle = sum(not any(lease.expires_at > now for lease in leases) for _, leases in others)
+        return Elsewhere(len(live), idle, nodes)
 
     def neighbours(self, digest: Digest, registry: str | None) -> list[Digest]:
         """The registry's other blobs being fetched: a freed slot may be theirs."""

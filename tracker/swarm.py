@@ -191,11 +191,11 @@ class Rules:
 @dataclass(frozen=True)
 class Elsewhere:
     """What the blob's registry is busy with on its other blobs: chunks coming from it, how many of
-    its other blobs are still being fetched, and the nodes fetching them (by when each last got a
-    lease). Node ids here only spread the load, they grant nothing."""
+    its other blobs being fetched have none coming, and the nodes fetching them (by when each last
+    got a lease). Node ids here only spread the load, they grant nothing."""
 
     fetching: int = 0
-    blobs: int = 0
+    idle: int = 0  # blobs being fetched with no chunk coming from the registry now
     nodes: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -284,19 +284,19 @@ def _grant(
 ) -> tuple[list[int], BlobState]:
     """Lease `member` the lowest-index free chunks while fewer than `chunks_in_flight` are still
     coming from the registry, and the registry's slots allow: `registry_in_flight` over all its
-    blobs, each blob being fetched taking no more than its share of them (each chunk must take a
-    short time even when an image's layers are fetched in parallel: a chunk is published only
-    once complete). A member whose node is already fetching a chunk (of this blob or of another of
-    the registry's) gets another only when no other active joiner that could take a chunk is
-    fetching none, and `lone_grace` after its node's newest lease. A lease whose bytes have all
+    blobs, a blob that has one leaving a slot to each blob being fetched that has none (each chunk
+    must take a short time even when an image's layers are fetched in parallel: a chunk is
+    published only once complete). A member whose node is already fetching a chunk (of this blob
+    or of another of the registry's) gets another only when no other active joiner that could take
+    a chunk is fetching none, and `lone_grace` after its node's newest lease. A lease whose bytes have all
     arrived (its origin hashes and publishes the chunk) no longer counts: the registry's link goes
     on to the next chunk meanwhile."""
     chunks = list(state.chunks)
     lengths = [chunk.length for chunk in state.plan()]
     granted: list[int] = []
-    share = max(1, -(-rules.registry_in_flight // (elsewhere.blobs + 1)))  # of the registry's slots
-    while (fetching := len(_fetching(chunks, lengths))) < min(rules.chunks_in_flight, share):
-        if fetching + elsewhere.fetching >= rules.registry_in_flight:
+    while (fetching := len(_fetching(chunks, lengths))) < rules.chunks_in_flight:
+        reserved = elsewhere.idle if fetching else 0  # a slot kept for each blob with none
+        if fetching + elsewhere.fetching + reserved >= rules.registry_in_flight:
             break
         free = [i for i, c in enumerate(chunks) if c.free_for(member)]
         if not free:

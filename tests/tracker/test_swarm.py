@@ -366,12 +366,13 @@ def test_one_address_fills_at_most_per_address_places(
     ("elsewhere", "grace", "leased"),
     [
         (Elsewhere(), 0, [0, 1]),
-        (Elsewhere(fetching=4, blobs=1), 0, [0, 1]),
-        (Elsewhere(fetching=5, blobs=1), 0, [0]),  # registry_in_flight reached
-        (Elsewhere(fetching=6, blobs=1), 0, []),
-        (Elsewhere(fetching=1, blobs=5), 0, [0]),  # six blobs share six slots: one each
-        (Elsewhere(fetching=1, blobs=1, nodes={"a": 0.0}), LONE_GRACE, []),  # a fetches elsewhere
-        (Elsewhere(fetching=1, blobs=1, nodes={"a": -5.0}), LONE_GRACE, [0]),  # ... its grace is over
+        (Elsewhere(fetching=4), 0, [0, 1]),
+        (Elsewhere(fetching=5), 0, [0]),  # registry_in_flight reached
+        (Elsewhere(fetching=6), 0, []),
+        (Elsewhere(fetching=3, idle=2), 0, [0]),  # a slot left for each of two blobs with none
+        (Elsewhere(fetching=5, idle=3), 0, [0]),  # the first one is never held back by others
+        (Elsewhere(fetching=1, nodes={"a": 0.0}), LONE_GRACE, []),  # a fetches elsewhere
+        (Elsewhere(fetching=1, nodes={"a": -5.0}), LONE_GRACE, [0]),  # ... its grace is over
     ],
 )
 def test_the_registrys_other_blobs_limit_what_a_blob_may_fetch(
