@@ -303,7 +303,8 @@ def _grant(
             break
         newest = _newest_fetch(chunks, lengths, member, elsewhere)
         if newest is not None and (
-            _another_waits(chunks, lengths, state.joiners, member, now) or newest > now - rules.lone_grace
+            _another_waits(chunks, lengths, state.joiners, member, now, elsewhere)
+            or newest > now - rules.lone_grace
         ):
             break
         lease = Lease(member, new_token(), now + rules.lease_seconds, granted_at=now)
@@ -336,14 +337,21 @@ def _fetching(chunks: list[ChunkState], lengths: list[int]) -> list[str]:
 
 
 def _another_waits(
-    chunks: list[ChunkState], lengths: list[int], joiners: Mapping[str, float], member: str, now: float
+    chunks: list[ChunkState],
+    lengths: list[int],
+    joiners: Mapping[str, float],
+    member: str,
+    now: float,
+    elsewhere: Elsewhere,
 ) -> bool:
-    """Some other active joiner is fetching no chunk from the registry and could take a free one."""
+    """Some other active joiner is fetching no chunk from the registry (of this blob or another)
+    and could take a free one."""
     fetching = _fetching(chunks, lengths)
     return any(
         other != member
         and seen > now - ACTIVE_JOINER_SECONDS
         and other not in fetching
+        and node_of(other) not in elsewhere.nodes
         and any(c.free_for(other) for c in chunks)
         for other, seen in joiners.items()
     )

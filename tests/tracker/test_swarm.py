@@ -365,19 +365,20 @@ def test_one_address_fills_at_most_per_address_places(
 @pytest.mark.parametrize(
     ("elsewhere", "grace", "leased"),
     [
-        (Elsewhere(), 0, [0, 1]),
-        (Elsewhere(fetching=4), 0, [0, 1]),
-        (Elsewhere(fetching=5), 0, [0]),  # registry_in_flight reached
-        (Elsewhere(fetching=6), 0, []),
-        (Elsewhere(fetching=3, idle=2), 0, [0]),  # a slot left for each of two blobs with none
-        (Elsewhere(fetching=5, idle=3), 0, [0]),  # the first one is never held back by others
-        (Elsewhere(fetching=1, nodes={"a": 0.0}), LONE_GRACE, []),  # a fetches elsewhere
-        (Elsewhere(fetching=1, nodes={"a": -5.0}), LONE_GRACE, [0]),  # ... its grace is over
+        (Elsewhere(), 0, [0]),  # b waits with nothing: one for a
+        (Elsewhere(fetching=5), 0, [0]),
+        (Elsewhere(fetching=6), 0, []),  # registry_in_flight reached
+        (Elsewhere(fetching=5, idle=3), 0, [0]),  # the first one is never held back by other blobs
+        (Elsewhere(fetching=1, nodes={"a": 0.0}), LONE_GRACE, []),  # a fetches elsewhere: lone_grace
+        (Elsewhere(fetching=1, nodes={"a": -5.0}), LONE_GRACE, []),  # ... and b waits with nothing
+        (Elsewhere(fetching=2, nodes={"a": -5.0, "b": -5.0}), 0, [0, 1]),  # b fetches elsewhere: not waiting
+        (Elsewhere(fetching=3, idle=2, nodes={"b": -5.0}), 0, [0]),  # a slot left for each idle blob
     ],
 )
 def test_the_registrys_other_blobs_limit_what_a_blob_may_fetch(
     elsewhere: Elsewhere, grace: float, leased: list[int]
 ) -> None:
     rules = Rules(20, 2, 30, grace, registry_in_flight=6)
-    seen, _ = visit(blob(), "a", 0, rules, ALIVE, tokens(), elsewhere)
+    _, state = visit(blob(), "b", -1, rules, ALIVE, tokens(), Elsewhere(fetching=6))  # b: active, none
+    seen, _ = visit(state, "a", 0, rules, ALIVE, tokens(), elsewhere)
     assert [index for index, _ in seen.leases] == leased
