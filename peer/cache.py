@@ -153,11 +153,15 @@ class BlobCache:
             raise DigestMismatch(f"{digest}: the chunks do not hash to the digest")
         _fsync_dir(self.chunk_dir(digest))
         temporary = self._blobs / f".{digest.hex}.tmp"
-        with temporary.open("w") as file:
-            json.dump({"size": size, "chunk_size": chunk_size}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.marker(digest))
+        try:
+            with temporary.open("w") as file:
+                json.dump({"size": size, "chunk_size": chunk_size}, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.marker(digest))
+        except OSError:  # a full disk: no half-written marker until the next start sweeps it
+            temporary.unlink(missing_ok=True)
+            raise
         _fsync_dir(self._blobs)
         logger.info("blob cached", extra={"digest": str(digest)})
         return self.marker(digest)
@@ -187,15 +191,21 @@ class BlobCache:
     def to_evict(self) -> list[Digest]:
         return choose_evictions(self.entries(), set(self._pins), self.max_bytes)
 
-    def delete(self, digest: Digest) -> None:
-        """Remove a cached blob and its seeding state (the caller stopped seeding it first). The
-        marker goes first: a crash after it leaves chunk files that the next start deletes."""
+    def evict(self, digest: Digest) -> None:
+        """`delete` a blob nobody is serving or fetching; `RuntimeError` when it is pinned."""
         if digest in self._pins:
             raise RuntimeError(f"{digest} is pinned")
+        self.delete(digest)
+
+    def delete(self, digest: Digest) -> None:
+        """Remove a cached blob and its seeding state (the caller stopped seeding it first), pinned
+        or not: a blob found wrong or unreadable must go now, and its readers find it gone and go
+        to the registry. The marker goes first: a crash after it leaves chunk files that the next
+        start deletes."""
         self.marker(digest).unlink(missing_ok=True)
         shutil.rmtree(self.chunk_dir(digest), ignore_errors=True)
         self.forget_seed(digest)
-        logger.info("blob evicted", extra={"digest": str(digest)})
+        logger.info("blob deleted", extra={"digest": str(digest)})
 
     def discard(self, digest: Digest) -> None:
         """Delete the chunk files of a blob that is not in the cache (a download given up)."""

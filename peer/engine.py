@@ -29,7 +29,7 @@ from common.ids import Digest
 from common.tasks import spawn
 from peer.cache import BlobCache, Credentials, DigestMismatch, SeedRecord
 from peer.config import PeerConfig
-from peer.session import PeerError, Session, Status, Torrent, load_chunk
+from peer.session import DiskError, PeerError, Session, Status, Torrent, load_chunk, on_disk
 from peer.stream import Fallback, stream
 from peer.torrent import make_chunk_metainfo, piece_size_for
 
@@ -84,10 +84,11 @@ class ChunkedBlob:
 
     async def make_metainfo(self, index: int, ca_pem: bytes) -> bytes:
         """Chunk `index`'s torrent, hashed from `chunk_file(index)`, for the origin to publish."""
-        length = self.chunks[index].length
-        return await asyncio.to_thread(
-            make_chunk_metainfo, self.chunk_file(index), self.digest, index, ca_pem, piece_size_for(length)
-        )
+        piece_size = piece_size_for(self.chunks[index].length)
+        with on_disk("chunk_read"):
+            return await asyncio.to_thread(
+                make_chunk_metainfo, self.chunk_file(index), self.digest, index, ca_pem, piece_size
+            )
 
     async def stream(
         self, index: int, start: int = 0, end: int | None = None, fallback: Fallback | None = None
@@ -147,9 +148,15 @@ class ChunkedBlob:
 
     async def completed(self) -> Path:
         """The blob's marker in the cache once every chunk torrent finished and the whole blob
-        matched its digest; raises `DigestMismatch` (the blob is dropped, its chunk files
-        deleted) or `PeerError`."""
+        matched its digest; raises `DigestMismatch` or `PeerError` (a `DiskError` among them)
+        once the blob is dropped and its chunk files deleted."""
         return await asyncio.shield(self._completed)
+
+    async def fail(self, error: Exception) -> None:
+        """Give the blob up on this node (its disk cannot hold it, say): dropped, chunk files
+        deleted, then `completed` raises `error`."""
+        if self._peer.get(self.digest) is self:
+            await self._peer.drop(self.digest, error)
 
     async def _add(self, index: int, metainfo: bytes, *, seed: bool) -> Torrent:
         async with self._lock:
@@ -160,7 +167,8 @@ class ChunkedBlob:
             if not 0 <= index < len(self.chunks):
                 raise PeerError(f"{self.digest} has no chunk {index}")
             torrent = load_chunk(metainfo, self.digest, self.chunks[index])
-            await asyncio.to_thread(self._peer.cache.save_chunk_torrent, self.digest, index, metainfo)
+            with on_disk("seed_state"):
+                await asyncio.to_thread(self._peer.cache.save_chunk_torrent, self.digest, index, metainfo)
             credentials = self._credentials
             await self._peer._session.add(
                 torrent, self.chunk_file(index), credentials.cert_pem, credentials.key_pem, seed=seed
@@ -176,20 +184,17 @@ class ChunkedBlob:
         try:
             await self._all_finished()
             path = await self._enter_cache()
-        except (DigestMismatch, PeerError, OSError) as exc:
+        except (DigestMismatch, PeerError) as exc:
             logger.error("blob not cached", extra={"digest": str(self.digest), "error": str(exc)})
-            try:
-                if self._peer.get(self.digest) is self:
-                    await self._peer.drop(self.digest)
-            finally:
-                self._fail(exc)  # only now: whoever hears of it finds the chunk files gone
+            await self.fail(exc)
             return
         self._completed.set_result(path)
         self._peer._space_taken.set()
 
     async def _all_finished(self) -> None:
-        """Return once every chunk has a finished torrent. A torrent that fails fails the blob; one
-        taken out (a withdrawn chunk) is waited for again, as is a chunk with no torrent yet."""
+        """Return once every chunk has a finished torrent. A torrent that fails (or ends any other
+        way while it is still the chunk's) fails the blob; one taken out (a withdrawn chunk) is
+        waited for again, as is a chunk with no torrent yet."""
         while (index := self._first_unfinished()) is not None:
             torrent = self._torrents.get(index)
             if torrent is None:
@@ -199,7 +204,7 @@ class ChunkedBlob:
             try:
                 await torrent.wait_finished()
             except PeerError:
-                if torrent.failed is not None:
+                if self._torrents.get(index) is torrent:  # else waiting again would never end
                     raise
 
     def _first_unfinished(self) -> int | None:
@@ -220,7 +225,8 @@ class ChunkedBlob:
         self._commit = asyncio.ensure_future(
             asyncio.to_thread(cache.commit, self.digest, self.size, self.chunk_size)
         )
-        return await asyncio.shield(self._commit)
+        with on_disk("commit"):
+            return await asyncio.shield(self._commit)
 
     def _fail(self, error: Exception) -> None:
         if not self._completed.done():
@@ -228,15 +234,15 @@ class ChunkedBlob:
             self._completed.exception()  # marked retrieved: nobody need be waiting
 
     async def _stop(self, error: PeerError) -> None:
-        """Stop completing: nothing waits for this blob's torrents any more."""
+        """Stop completing: nothing waits for this blob's torrents any more. `completed` is left
+        to whoever stops it, once the files are as they will stay."""
         self._closed = error
         if self._task is asyncio.current_task():
-            return  # the blob failed: its own task resolves `completed` once it is dropped
+            return  # the blob failed: it is being dropped
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         if self._commit is not None:
             await asyncio.gather(self._commit, return_exceptions=True)
-        self._fail(error)
 
     async def _close(self, error: PeerError) -> None:
         """Stop, then take every chunk torrent out of the session."""
@@ -280,8 +286,10 @@ class Peer:
 
     async def _shut(self) -> None:
         # The torrents go with the session: removing them one by one first would only wait longer.
+        stopped = PeerError("peer stopped")
         for blob in self._blobs.values():
-            await blob._stop(PeerError("peer stopped"))
+            await blob._stop(stopped)
+            blob._fail(stopped)
         self._blobs.clear()
         await self._session.__aexit__(None, None, None)
 
@@ -305,26 +313,37 @@ class Peer:
         if (blob := self._blobs.get(digest)) is not None:
             return blob
         blob = self._open(digest, size, chunk_size, credentials)
-        await asyncio.to_thread(self.cache.save_seed, digest, credentials)
+        try:
+            with on_disk("seed_state"):
+                await asyncio.to_thread(self.cache.save_seed, digest, credentials)
+        except DiskError as exc:
+            await self.drop(digest, exc)
+            raise
         return blob
 
-    async def drop(self, digest: Digest) -> None:
+    async def drop(self, digest: Digest, error: Exception | None = None) -> None:
         """Take all the blob's torrents out of the session and forget its seeding state. A blob
-        in the cache stays there; an incomplete one's chunk files are deleted."""
+        in the cache stays there; an incomplete one's chunk files are deleted. Only then does its
+        `completed` raise `error` (by default: dropped): whoever hears of it finds the files gone."""
         blob = self._blobs.pop(digest, None)
-        if blob is not None:
-            await blob._close(PeerError(f"{digest}: dropped"))
-        if digest in self.cache:
-            await asyncio.to_thread(self.cache.forget_seed, digest)
-        else:
-            await asyncio.to_thread(self.cache.discard, digest)
+        dropped = PeerError(f"{digest}: dropped")
+        try:
+            if blob is not None:
+                await blob._close(dropped)
+            if digest in self.cache:
+                await asyncio.to_thread(self.cache.forget_seed, digest)
+            else:
+                await asyncio.to_thread(self.cache.discard, digest)
+        finally:
+            if blob is not None:
+                blob._fail(error or dropped)
 
     async def evict(self) -> None:
         """Delete least recently used blobs beyond `cache_max_bytes`, never a pinned one."""
         for digest in self.cache.to_evict():
             await self.drop(digest)
             with contextlib.suppress(RuntimeError):  # pinned since the decision
-                await asyncio.to_thread(self.cache.delete, digest)
+                await asyncio.to_thread(self.cache.evict, digest)
 
     def _open(self, digest: Digest, size: int, chunk_size: int, credentials: Credentials) -> ChunkedBlob:
         """A new `ChunkedBlob` for a layout the blob can have (a cached blob's own)."""
@@ -339,7 +358,8 @@ class Peer:
             if cached != (size, chunk_size):
                 raise PeerError(f"{digest}: cached as (size, chunk size) {cached}, not {(size, chunk_size)}")
         else:
-            self.cache.prepare(digest)
+            with on_disk("chunk_write"):
+                self.cache.prepare(digest)
         blob = ChunkedBlob(self, digest, chunks, chunk_size, credentials)
         self._blobs[digest] = blob
         return blob

@@ -4,9 +4,10 @@ Every torrent is one chunk of a blob; all chunk torrents of a blob share the blo
 (what peer certificates are scoped to), so torrents are told apart by info-hash, never by name.
 
 Everything that touches libtorrent lives here, and libtorrent's exceptions and error alerts become
-`PeerError` here and nowhere else. Alerts arrive through `set_alert_fd`: libtorrent writes a byte
-to a pipe when its alert queue turns non-empty, the event loop wakes on the pipe and pops the
-alerts. libtorrent never calls into Python (no GIL taken from its threads) and nothing polls.
+`PeerError` here and nowhere else; a failing disk is a `DiskError` (a `PeerError`), whether
+libtorrent or the node's own code met it. Alerts arrive through `set_alert_fd`: libtorrent writes
+a byte to a pipe when its alert queue turns non-empty, the event loop wakes on the pipe and pops
+the alerts. libtorrent never calls into Python (no GIL taken from its threads) and nothing polls.
 """
 
 from __future__ import annotations
@@ -69,6 +70,25 @@ TORRENT_FLAGS_ON = lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd |
 
 class PeerError(Exception):
     """libtorrent refused or failed an operation."""
+
+
+class DiskError(PeerError):
+    """The disk failed a write or read of the node's blob files (full, failing): that blob cannot
+    be kept on this node. `operation` says which, for `shoal_disk_errors_total`."""
+
+    def __init__(self, operation: str, message: str) -> None:
+        super().__init__(message)
+        self.operation = operation
+
+
+@contextlib.contextmanager
+def on_disk(operation: str) -> Iterator[None]:
+    """OSError from the node's blob files as `DiskError`. Around file calls only: a broken
+    connection is an OSError too."""
+    try:
+        yield
+    except OSError as exc:
+        raise DiskError(operation, f"{operation}: {exc}") from exc
 
 
 def settings(config: PeerConfig) -> lt.settings_pack:
@@ -181,6 +201,8 @@ class Torrent:
         """Return once `piece` has passed its hash check."""
         if self.have(piece):
             return
+        if self._ended is not None:  # no alert will ever resolve it
+            raise self._ended
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._piece_waiters[piece].append(waiter)
         try:
@@ -191,6 +213,8 @@ class Torrent:
 
     async def read_piece(self, piece: int) -> bytes:
         """A verified piece's bytes, through libtorrent's disk cache (never the file: DESIGN.md)."""
+        if self._ended is not None:
+            raise self._ended
         reader: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._reads[piece].append(reader)
         try:
@@ -230,7 +254,10 @@ class Torrent:
             await self.expect(lt.torrent_finished_alert)
 
     async def flush(self) -> None:
-        """Wait until every downloaded byte is written to the file."""
+        """Wait until every downloaded byte is written to the file; the failure, when a write
+        failed (a torrent is finished once its pieces verified, before they are written)."""
+        if self._ended is not None:
+            raise self._ended
         async with self._expecting(lt.cache_flushed_alert) as flushed:
             with _translated(self.label):
                 self.handle.flush_cache()
@@ -285,8 +312,11 @@ class Torrent:
             self._on_read(alert)
         elif isinstance(alert, lt.torrent_finished_alert):
             self.finished_at = time.time()
-        elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
-            self.failed = PeerError(f"{self.label}: {alert.message()}")
+        elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert) and self.failed is None:
+            # A disk error posts file_error_alert, then torrent_error_alert: the first one says why.
+            message = f"{self.label}: {alert.message()}"
+            disk = isinstance(alert, lt.file_error_alert)
+            self.failed = DiskError("torrent", message) if disk else PeerError(message)
             logger.error("torrent failed", extra={"torrent": self.label, "error": alert.message()})
         elif isinstance(alert, lt.hash_failed_alert):
             logger.warning(
@@ -298,8 +328,10 @@ class Torrent:
 
     def _on_read(self, alert: lt.read_piece_alert) -> None:
         readers = self._reads.pop(alert.piece, [])
-        if alert.error.value():
-            error = PeerError(f"{self.label}: reading piece {alert.piece}: {alert.error.message()}")
+        if alert.error.value() or self.failed is not None:
+            # After a failed write the file, not the verified piece, is read: holes, say.
+            why = f"reading piece {alert.piece}: {alert.error.message()}"
+            error = self.failed or PeerError(f"{self.label}: {why}")
             for reader in readers:
                 if not reader.done():
                     reader.set_exception(error)

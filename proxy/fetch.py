@@ -7,6 +7,8 @@ from the registry by this node for the cluster, written to its chunk file, publi
 Readers take a chunk from whatever this node has for it: its own registry download as it arrives,
 else the chunk's torrent as pieces verify; a reader that receives nothing for `stall_timeout` is
 told the chunk is unavailable here and goes to the registry itself, whatever an origin claims.
+A disk error (a full cache disk, say) gives the blob up on this node: its readers go to the
+registry at once, for every chunk, and the fetch takes on no more chunks.
 
 `P2PBlobSource` alone creates, finishes, cancels and awaits fetches.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -27,7 +30,7 @@ from common.ids import Digest
 from common.tasks import spawn
 from peer.cache import DigestMismatch
 from peer.engine import ChunkedBlob
-from peer.session import PeerError
+from peer.session import DiskError, PeerError, on_disk
 from peer.stream import Stalled
 from proxy.upstream import UpstreamBroken
 from tracker.client import (
@@ -59,6 +62,16 @@ def split(chunk: Chunk, count: int) -> list[Chunk]:
     count = max(1, min(count, chunk.length))
     bounds = [chunk.start + chunk.length * i // count for i in range(count + 1)]
     return [Chunk(chunk.index, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+
+
+def write_at(fd: int, data: bytes, offset: int) -> None:
+    """All of `data` at `offset`: a short write (a full disk) is not taken for a whole one."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if not written:  # no byte and no error: end rather than loop on it
+            raise OSError(errno.ENOSPC, "no byte written")
+        view, offset = view[written:], offset + written
 
 
 class Unavailable(Exception):
@@ -131,7 +144,11 @@ class BlobFetch:
         self._origin_connections = origin_connections
         self._known: dict[int, str] = {}  # chunk index -> info-hash of the torrent in the session
         self._refused: set[str] = set()  # info-hashes the session would not take: not asked again
+        # Torrents published for a chunk this node fetches itself (its lease ran out): not added
+        # over the file being written, and asked for again should that download fail.
+        self._passed: dict[int, str] = {}
         self._downloads: dict[int, ChunkDownload] = {}  # this node's registry downloads, kept once done
+        self._ended: Exception | None = None  # why the blob was given up here: readers go elsewhere
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -141,11 +158,21 @@ class BlobFetch:
         await self._apply(self.swarm.chunks, [], self.swarm.leases)
         self._spawn(self._sync(), "sync")
 
-    async def close(self) -> None:
+    async def close(self, why: Exception | None = None) -> None:
+        """Cancel the fetch's tasks; with `why` (the blob failed on this node) its readers are told
+        at once rather than after `stall_timeout`."""
+        self._ended = self._ended or why
+        async with self._changed:
+            self._changed.notify_all()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def ended(self) -> bool:
+        """The blob was given up on this node: nothing more from this fetch, for any chunk."""
+        return self._ended is not None
 
     def status(self) -> dict[str, object]:
         return {
@@ -161,15 +188,21 @@ class BlobFetch:
 
     async def read(self, chunk: Chunk, start: int, end: int) -> Chunks:
         """Bytes [start, end) of `chunk` (blob offsets) in order; `Unavailable` when this node has
-        nothing for the chunk for `stall_timeout`, or what it had failed."""
+        nothing for the chunk for `stall_timeout`, what it had failed, or the fetch ended. A chunk
+        file this node cannot read is a `DiskError`."""
         async with self._changed:
-            ready = lambda: chunk.index in self._downloads or self.blob.torrent(chunk.index) is not None  # noqa: E731
+            ready = lambda: (  # noqa: E731
+                self.ended or chunk.index in self._downloads or self.blob.torrent(chunk.index) is not None
+            )
             try:
                 await asyncio.wait_for(self._changed.wait_for(ready), self._stall_timeout)
             except TimeoutError:
                 raise Unavailable(
                     "no_chunk", f"no torrent and no lease for chunk {chunk.index} in {self._stall_timeout} s"
                 ) from None
+        if self._ended is not None:
+            reason = "disk_error" if isinstance(self._ended, DiskError) else "peer_error"
+            raise Unavailable(reason, f"given up on this node: {self._ended}")
         download = self._downloads.get(chunk.index)
         if download is not None:
             async for data in self._follow(download, start, end):
@@ -182,7 +215,7 @@ class BlobFetch:
         """This node's registry download of a chunk, read from its file as it arrives (or once it
         is complete: reading the file costs less than reading its torrent's pieces)."""
         chunk = download.chunk
-        with open(self.blob.chunk_file(chunk.index), "rb") as file:
+        with on_disk("chunk_read"), open(self.blob.chunk_file(chunk.index), "rb") as file:
             position = start
             while position < end:
                 await download.wait_past(position - chunk.start)
@@ -191,6 +224,8 @@ class BlobFetch:
                     raise Unavailable("origin_failed", f"chunk {chunk.index}: {download.failed}")
                 size = min(available, end) - position
                 data = await asyncio.to_thread(os.pread, file.fileno(), size, position - chunk.start)
+                if not data:
+                    raise OSError(errno.EIO, f"chunk file {chunk.index} is short")
                 position += len(data)
                 yield data
 
@@ -219,9 +254,11 @@ class BlobFetch:
 
     async def _sync(self) -> None:
         retry = SYNC_RETRY_FIRST
-        while len(self._known) < len(self.blob.chunks) or not all(d.done for d in self._downloads.values()):
+        while not self.ended and (
+            len(self._known) < len(self.blob.chunks) or not all(d.done for d in self._downloads.values())
+        ):
             try:
-                known = [*self._known.values(), *self._refused]
+                known = [*self._known.values(), *self._refused, *self._passed.values()]
                 answer = await self._tracker.sync(self.digest, self.swarm.key, known, SYNC_WAIT)
             except (TrackerUnavailable, TrackerRefused) as exc:
                 logger.warning("sync failed: %s", exc, extra={"digest": str(self.digest)})
@@ -234,31 +271,58 @@ class BlobFetch:
     async def _apply(
         self, chunks: list[ChunkTorrent], withdrawn: list[str], leases: list[ChunkLease]
     ) -> None:
+        try:
+            await self._withdraw(withdrawn)
+            await self._leech_published(chunks)
+            self._take_leases(leases)
+        except DiskError as exc:
+            await self._give_up(exc)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _withdraw(self, withdrawn: list[str]) -> None:
         for index in [i for i, info_hash in self._known.items() if info_hash in withdrawn]:
             logger.warning(
                 "chunk withdrawn by the tracker", extra={"digest": str(self.digest), "chunk": index}
             )
             del self._known[index]
             await self.blob.drop_chunk(index)
+
+    async def _leech_published(self, chunks: list[ChunkTorrent]) -> None:
         for torrent in chunks:
-            if torrent.index not in self._known and torrent.index not in self._downloads:
+            if torrent.index in self._downloads:
+                self._passed[torrent.index] = torrent.info_hash
+            elif torrent.index not in self._known:
                 try:
                     await self.blob.leech(torrent.index, torrent.metainfo)
+                except DiskError:
+                    raise
                 except PeerError as exc:
                     logger.warning("cannot add a chunk torrent: %s", exc, extra={"digest": str(self.digest)})
                     self._refused.add(torrent.info_hash)
                     continue
                 self._known[torrent.index] = torrent.info_hash
+
+    def _take_leases(self, leases: list[ChunkLease]) -> None:
         for lease in leases:
             if lease.index not in self._downloads and lease.index not in self._known:
                 chunk = self.blob.chunks[lease.index]
                 download = ChunkDownload(chunk, lease, split(chunk, self._origin_connections))
                 # The file exists before anyone can see the download: a reader opens it at once.
-                self.blob.chunk_file(lease.index).write_bytes(b"")
+                with on_disk("chunk_write"):
+                    self.blob.chunk_file(lease.index).write_bytes(b"")
                 self._downloads[lease.index] = download
                 self._spawn(self._originate(download), f"origin-{lease.index}")
+
+    async def _give_up(self, error: DiskError) -> None:
+        """This node's disk cannot hold the blob: its readers go to the registry at once, the fetch
+        takes on nothing more, and the blob is dropped (its owner hears of it from `completed`)."""
+        if self._ended is not None:
+            return
+        self._ended = error
         async with self._changed:
             self._changed.notify_all()
+        await self.blob.fail(error)
 
     # this node as a chunk's origin
 
@@ -288,18 +352,23 @@ class BlobFetch:
             await download.finished(error)
             if error is not None:  # the chunk may be leased to this node again, or leeched
                 del self._downloads[chunk.index]
+                self._passed.pop(chunk.index, None)
                 with contextlib.suppress(OSError):
                     os.unlink(self.blob.chunk_file(chunk.index))
             async with self._changed:
                 self._changed.notify_all()
+        if isinstance(error, DiskError):
+            await self._give_up(error)
 
     async def _download(self, download: ChunkDownload) -> None:
         """Every part of the chunk at once, each on its own registry connection: beside the
         peers' connections into this node, one registry flow would get a small share of its
         downlink, and the whole cluster waits for this chunk."""
-        with open(self.blob.chunk_file(download.chunk.index), "r+b") as file:
-            parts = [
-                spawn(self._download_part(file.fileno(), download, i), name=f"part-{i}")
+        with on_disk("chunk_write"):
+            file = open(self.blob.chunk_file(download.chunk.index), "r+b")  # noqa: SIM115
+        with file:
+            parts = [  # awaited here, failures included: not `spawn`, which logs them as crashes
+                asyncio.create_task(self._download_part(file.fileno(), download, i), name=f"part-{i}")
                 for i in range(len(download.parts))
             ]
             try:
@@ -308,17 +377,16 @@ class BlobFetch:
                 for part in parts:
                     part.cancel()
                 await asyncio.gather(*parts, return_exceptions=True)
-            await asyncio.to_thread(os.fsync, file.fileno())
+            with on_disk("chunk_write"):
+                await asyncio.to_thread(os.fsync, file.fileno())
 
     async def _download_part(self, fd: int, download: ChunkDownload, part: int) -> None:
         chunk, range_ = download.chunk, download.parts[part]
         received = 0
         async for data in self.registry(range_.start, range_.end):
-            view = memoryview(data)
-            while view:  # a short write (a full disk) must not be taken for a whole one
-                done = os.pwrite(fd, view, range_.start - chunk.start + received)
-                view = view[done:]
-                received += done
+            with on_disk("chunk_write"):
+                write_at(fd, data, range_.start - chunk.start + received)
+            received += len(data)
             await download.advanced(part, received)
 
     async def _keep_lease(self, download: ChunkDownload) -> None:

@@ -9,6 +9,9 @@ go on says why at an offset; the next one carries on from there, with one log li
 `shoal_p2p_fallbacks_total{reason}` per switch. A pull never fails because the peer-to-peer path
 failed, and it never completes with wrong bytes: a whole-blob response is hashed as it streams and
 cut before its last bytes when the digest does not match, so the client's own retry starts clean.
+A cached blob found wrong leaves the cache. Nor does a disk error end a pull: the layer is given up
+on this node (its files deleted, one error line, `shoal_disk_errors_total{operation}`) and the
+registry sends the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -31,7 +35,7 @@ from common.ids import Digest, NodeId, is_decimal
 from common.tasks import spawn
 from peer.cache import Credentials, DigestMismatch
 from peer.engine import Peer
-from peer.session import PeerError
+from peer.session import DiskError, PeerError, on_disk
 from proxy.blobs import BlobRequest, UpstreamBlobSource
 from proxy.config import NodeConfig
 from proxy.fetch import BlobFetch, Chunks, RegistryRange, Unavailable
@@ -164,18 +168,32 @@ class P2PBlobSource:
     # the sources, in order
 
     async def _body(self, blob: BlobRequest, start: int, end: int) -> Chunks:
+        """This node's bytes while it has them, then the registry's from the offset reached."""
+        registry = self._registry_range(blob)
+        position = start
+        try:
+            async for data, source in self._from_node(blob, registry, start, end):
+                position += len(data)
+                yield data, source
+        except DiskError as exc:  # reading a chunk file: the layer cannot be trusted to this disk
+            self._disk_failed(blob.digest, exc)
+            await self._forget(blob.digest)
+            self._switched(blob.digest, Unavailable("disk_error", str(exc)), position)
+        except Unavailable as why:
+            self._switched(blob.digest, why, position)
+        else:
+            return
+        async for data in registry(position, end):
+            yield data, "upstream"
+
+    async def _from_node(self, blob: BlobRequest, registry: RegistryRange, start: int, end: int) -> Chunks:
+        """The cache's bytes, else the swarm's chunk by chunk (a chunk it cannot deliver from the
+        registry); `Unavailable` once there is no swarm, or the fetch ended."""
         if blob.digest in self._peer.cache:
             async for data in self._read_cached(blob.digest, start, end):
                 yield data, "cache"
             return
-        registry = self._registry_range(blob)
-        try:
-            fetch = await self._fetch(blob, registry)
-        except Unavailable as why:
-            self._switched(blob.digest, why, start)
-            async for data in registry(start, end):
-                yield data, "upstream"
-            return
+        fetch = await self._fetch(blob, registry)
         for chunk in chunks_in(fetch.blob.chunks, start, end):
             position = max(start, chunk.start)
             stop = min(end, chunk.end)
@@ -184,6 +202,8 @@ class P2PBlobSource:
                     position += len(data)
                     yield data, source
             except Unavailable as why:
+                if fetch.ended:  # nothing more from it for any chunk
+                    raise
                 self._switched(blob.digest, why, position)
                 async for data in registry(position, stop):
                     yield data, "upstream"
@@ -196,17 +216,25 @@ class P2PBlobSource:
         )
         self._metrics.p2p_fallbacks.labels(why.reason).inc()
 
+    def _disk_failed(self, digest: Digest, error: DiskError) -> None:
+        logger.error(
+            "disk error; the layer is not kept on this node: %s",
+            error,
+            extra={"digest": str(digest), "operation": error.operation},
+        )
+        self._metrics.disk_errors.labels(error.operation).inc()
+
     async def _read_cached(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
         with self._peer.cache.pin(digest):
             for path, offset, length in self._peer.cache.ranges(digest, start, end):
-                with open(path, "rb") as file:
+                with on_disk("chunk_read"), open(path, "rb") as file:
                     position, stop = offset, offset + length
                     while position < stop:
                         data = await asyncio.to_thread(
                             os.pread, file.fileno(), min(CACHE_READ, stop - position), position
                         )
                         if not data:
-                            raise UpstreamBroken(f"{digest}: cached chunk {path.name} is short")
+                            raise OSError(errno.EIO, f"cached chunk file {path.name} is short")
                         position += len(data)
                         yield data
 
@@ -245,6 +273,9 @@ class P2PBlobSource:
             )
             credentials = Credentials(swarm.cert.encode(), key_pem(key), swarm.announce)
             chunked = await self._peer.open(blob.digest, swarm.size, swarm.chunk_size, credentials)
+        except DiskError as exc:
+            self._disk_failed(blob.digest, exc)
+            return Unavailable("disk_error", str(exc))
         except (TrackerUnavailable, TrackerRefused, PeerError) as exc:
             return Unavailable("no_swarm", f"no swarm: {exc}")
         config = self._config
@@ -260,17 +291,23 @@ class P2PBlobSource:
 
     async def _until_cached(self, fetch: BlobFetch, blob: BlobRequest) -> None:
         """Finish a fetch: once its blob is complete and verified it is served from the cache and
-        seeded; wrong bytes are reported and dropped, so the next pull fetches it again."""
+        seeded; wrong bytes are reported and dropped, so the next pull fetches it again; a blob
+        this node failed (its disk, say) is dropped already, and its readers are told."""
+        failure: PeerError | None = None
         try:
             await fetch.blob.completed()
         except DigestMismatch:
             await self._wrong_bytes(blob)
             return
+        except DiskError as exc:
+            self._disk_failed(blob.digest, exc)
+            failure = exc
         except PeerError as exc:
             logger.warning("blob not completed: %s", exc, extra={"digest": str(blob.digest)})
+            failure = exc
         if self._fetches.get(blob.digest) is fetch:
             del self._fetches[blob.digest]
-        await fetch.close()
+        await fetch.close(failure)
 
     async def _wrong_bytes(self, blob: BlobRequest) -> None:
         """The chunks this node holds do not make the blob: tell the tracker (which checks the
@@ -279,7 +316,7 @@ class P2PBlobSource:
         fetch = self._fetches.pop(blob.digest, None)
         logger.error("blob does not match its digest; reporting it", extra={"digest": str(blob.digest)})
         if fetch is not None:
-            await fetch.close()
+            await fetch.close(DigestMismatch(f"{blob.digest}: the bytes do not match"))
             with contextlib.suppress(TrackerUnavailable, TrackerRefused):
                 withdrawn = await self._tracker.report(
                     blob.digest, "digest_mismatch", fetch.swarm.key, blob.registry.host,
@@ -288,7 +325,12 @@ class P2PBlobSource:
                 logger.warning(
                     "the tracker withdrew chunks %s", withdrawn, extra={"digest": str(blob.digest)}
                 )
-        await self._peer.drop(blob.digest)
-        if blob.digest in self._peer.cache:  # bytes changed on disk since they were verified
-            with contextlib.suppress(RuntimeError):  # still pinned by another reader: next time
-                await asyncio.to_thread(self._peer.cache.delete, blob.digest)
+        await self._forget(blob.digest)
+
+    async def _forget(self, digest: Digest) -> None:
+        """Stop seeding the blob and delete it, cached or not, now: bytes that changed on disk
+        since they were verified, or a disk that cannot read them. Readers in flight find it
+        gone; the next pull fetches it again."""
+        await self._peer.drop(digest)
+        if digest in self._peer.cache:
+            await asyncio.to_thread(self._peer.cache.delete, digest)

@@ -1,8 +1,9 @@
-"""Shared fixtures: the test CA, a token realm and a real registry that trusts it."""
+"""Shared fixtures: the test CA, a token realm and a real registry that trusts it; a small disk."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,15 @@ async def registry(
 ) -> AsyncIterator[Registry]:
     async with Registry(tmp_path / "registry", test_ca, token_issuer, token_server.realm) as reg:
         yield reg
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB file system (tmpfs; the tests run as root): a cache disk that fills up."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

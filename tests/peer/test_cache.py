@@ -3,6 +3,7 @@ what survives a restart or a crash."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -135,11 +136,34 @@ def test_eviction_on_disk_spares_pinned_blobs(tmp_path: Path) -> None:
     with cache.pin(blobs[0].digest):  # the oldest, but being served: marked used, never evicted
         assert cache.to_evict() == [blobs[1].digest]
         for digest in cache.to_evict():
-            cache.delete(digest)
+            cache.evict(digest)
         with pytest.raises(RuntimeError):
-            cache.delete(blobs[0].digest)
+            cache.evict(blobs[0].digest)
     assert [blob.digest in cache for blob in blobs] == [True, False, True]
     assert not (tmp_path / "chunks" / blobs[1].digest.hex).exists()
+
+
+def test_a_blob_found_wrong_is_deleted_even_while_it_is_read(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10**9)
+    blob = make_blob(tmp_path, 1000)
+    cache_blob(cache, blob)
+    with cache.pin(blob.digest):
+        cache.delete(blob.digest)
+        assert blob.digest not in cache
+    assert not (tmp_path / "chunks" / blob.digest.hex).exists()
+
+
+def test_a_full_disk_leaves_no_half_written_marker(small_disk: Path, tmp_path: Path) -> None:
+    cache = BlobCache(small_disk, 10**9)
+    blob = make_blob(tmp_path, CHUNK + 1000)
+    write_chunks(cache, blob.digest, blob.data)
+    with (small_disk / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:  # until the disk is full
+            filler.write(b"\0" * 4096)
+    with pytest.raises(OSError, match="No space left"):
+        cache.commit(blob.digest, blob.size, CHUNK)
+    assert blob.digest not in cache
+    assert list((small_disk / "blobs" / "sha256").iterdir()) == []
 
 
 def test_discard_deletes_an_incomplete_blob_only(tmp_path: Path) -> None:

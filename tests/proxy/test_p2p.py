@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 from lab.images import PushedImage, push_image
 from lab.pki import new_lab_ca
+from lab.procstat import cpu_seconds
 from lab.registry import Registry
 from lab.services import free_port, log_events
 
@@ -22,6 +24,7 @@ from common.ids import Digest, NodeId, Repository
 from peer.cache import Credentials
 from peer.config import PeerConfig
 from peer.engine import Peer
+from proxy.metrics import DISK_OPERATIONS
 from tests.proxy.harness import RunningNode, node_config, registry_entry, run_node
 from tests.tracker.harness import RunningTracker, run_tracker, tracker_config
 
@@ -29,6 +32,7 @@ REPO = "team/app"
 LAYER = hashlib.sha256(b"seed").digest() * (3 * 2**20 // 32)  # 3 MiB: over p2p_min_bytes
 CHUNK_SIZE = 2**20
 CHUNKS = 3  # of LAYER
+BIG = hashlib.sha256(b"big").digest() * (6 * 2**20 // 32)  # 6 MiB: more than `small_disk` holds
 
 
 def tracker_entry(registry: Registry) -> dict[str, Any]:
@@ -92,6 +96,7 @@ async def test_second_node_gets_the_layer_from_the_first(registry: Registry, tmp
             assert await pull_blob(second, registry, digest, token) == LAYER
             assert await second.metric("shoal_blob_bytes_total", source="p2p") == len(LAYER)
             assert await second.metric("shoal_blob_bytes_total", source="upstream") == 0
+            await wait_cached(tmp_path / "node-b" / "cache" / "chunks" / digest.removeprefix("sha256:"))
             assert await pull_blob(second, registry, digest, token) == LAYER  # now from its cache
             assert await second.metric("shoal_blob_bytes_total", source="cache") == len(LAYER)
             await wait_seeding(second, CHUNKS)  # one torrent per chunk, all named for the blob
@@ -110,9 +115,23 @@ async def wait_seeding(node: RunningNode, count: int = 1, timeout: float = 10) -
 
 
 async def seeding(node: RunningNode) -> list[str]:
+    return [b["name"] for b in await status_blobs(node) if b["state"] == "seeding" and b["progress"] == 1.0]
+
+
+async def status_blobs(node: RunningNode) -> list[dict[str, Any]]:
+    """What /status lists: the layers being fetched, then every chunk torrent."""
     async with aiohttp.ClientSession() as session, session.get(f"{node.admin_url}/status") as resp:
-        blobs = (await resp.json())["blobs"]
-    return [b["name"] for b in blobs if b["state"] == "seeding" and b["progress"] == 1.0]
+        blobs: list[dict[str, Any]] = (await resp.json())["blobs"]
+    return blobs
+
+
+async def healthz(node: RunningNode) -> int:
+    timeout = aiohttp.ClientTimeout(total=2)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"{node.admin_url}/healthz") as resp,
+    ):
+        return resp.status
 
 
 async def test_concurrent_pulls_on_one_node_fetch_once(registry: Registry, tmp_path: Path) -> None:
@@ -276,3 +295,110 @@ async def test_a_report_against_good_chunks_changes_nothing(registry: Registry, 
 
 def events(tracker: RunningTracker, event: str) -> list[dict[str, Any]]:
     return log_events(tracker.log(), event)
+
+
+@pytest.mark.parametrize("role", ["origin", "leecher"])
+async def test_a_full_cache_disk_leaves_the_layer_to_the_registry(
+    registry: Registry, tmp_path: Path, small_disk: Path, role: str
+) -> None:
+    """The layer is larger than the node's cache disk, whether the node fetches its chunks from the
+    registry itself (origin) or through libtorrent from a peer (leecher)."""
+    image = await push_image(registry, REPO, [BIG])
+    digest = image.layer_digests[0]
+    token = registry.issuer.token({REPO: ["pull"]})
+    tls_ca = new_lab_ca()
+    config = tracker_config(tmp_path, tls_ca, [tracker_entry(registry)], chunk_size=CHUNK_SIZE)
+    async with (
+        run_tracker(tmp_path, tls_ca, config) as tracker,
+        swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "seeder") as seeder,
+    ):
+        if role == "leecher":
+            assert await pull_blob(seeder, registry, digest, token) == BIG
+            await wait_seeding(seeder, len(BIG) // CHUNK_SIZE)
+        async with swarm_node(
+            tmp_path, registry, tracker.url, tracker.ca_file, "small", cache_dir=str(small_disk)
+        ) as node:
+            pull = asyncio.ensure_future(pull_blob(node, registry, digest, token))
+            while not pull.done():
+                assert await healthz(node) == 200
+                await asyncio.sleep(0.1)
+            assert await pull == BIG
+            errors = [await node.metric("shoal_disk_errors_total", operation=op) for op in DISK_OPERATIONS]
+            assert sum(errors) >= 1, node.log()  # what fills the disk first varies: chunk or metainfo
+            assert "disk error; the layer is not kept on this node" in node.log()
+            await wait_given_up(node, small_disk)
+            cpu = cpu_seconds(node.process.pid)
+            await asyncio.sleep(2)
+            assert cpu_seconds(node.process.pid) - cpu < 0.2  # idle: nothing retries or spins
+            assert await healthz(node) == 200
+            assert await pull_blob(node, registry, digest, token) == BIG  # and again
+
+
+async def wait_given_up(node: RunningNode, cache_dir: Path, timeout: float = 10) -> None:
+    """Until the node fetches and seeds nothing and its cache holds no file (a pull may end before
+    the layer's files are deleted)."""
+    for _ in range(int(timeout / 0.05)):
+        files = [path for path in cache_dir.rglob("*") if path.is_file()]
+        if not files and not await status_blobs(node):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"left behind: {files}, {await status_blobs(node)}:\n{node.log()}")
+
+
+@contextlib.asynccontextmanager
+async def cached_layer(
+    registry: Registry, tmp_path: Path
+) -> AsyncIterator[tuple[RunningNode, str, str, Path]]:
+    """A node that pulled LAYER once and seeds it: the node, the layer's digest, a token, and the
+    layer's folder of chunk files (the layout of peer/cache.py)."""
+    async with lab(registry, tmp_path) as (tracker, image, token):
+        digest = image.layer_digests[0]
+        async with swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "node-a") as node:
+            assert await pull_blob(node, registry, digest, token) == LAYER
+            await wait_seeding(node, CHUNKS)
+            chunks = tmp_path / "node-a" / "cache" / "chunks" / digest.removeprefix("sha256:")
+            await wait_cached(chunks)
+            yield node, digest, token, chunks
+
+
+def marker(chunks: Path) -> Path:
+    """The cache's marker of the layer whose chunk files are in `chunks`."""
+    return chunks.parent.parent / "blobs" / "sha256" / chunks.name
+
+
+async def wait_cached(chunks: Path, timeout: float = 10) -> None:
+    """Until the layer is in the cache: its digest is checked, and its marker written, only once
+    its last chunk is complete, so a pull may end first."""
+    for _ in range(int(timeout / 0.05)):
+        if marker(chunks).exists():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{chunks.name} not cached after {timeout} s")
+
+
+async def test_a_cached_layer_changed_on_disk_is_cut_short_dropped_and_fetched_again(
+    registry: Registry, tmp_path: Path
+) -> None:
+    async with cached_layer(registry, tmp_path) as (node, digest, token, chunks):
+        with (chunks / "1").open("r+b") as chunk:
+            chunk.seek(1000)
+            flipped = bytes([chunk.read(1)[0] ^ 0xFF])
+            chunk.seek(1000)
+            chunk.write(flipped)
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut short: never a whole wrong body
+            await pull_blob(node, registry, digest, token)
+        assert await seeding(node) == []
+        assert not marker(chunks).exists()
+        assert await pull_blob(node, registry, digest, token) == LAYER
+
+
+async def test_a_cached_chunk_file_cut_short_leaves_the_rest_to_the_registry(
+    registry: Registry, tmp_path: Path
+) -> None:
+    async with cached_layer(registry, tmp_path) as (node, digest, token, chunks):
+        os.truncate(chunks / "1", CHUNK_SIZE // 2)
+        assert await pull_blob(node, registry, digest, token) == LAYER
+        assert await node.metric("shoal_blob_bytes_total", source="cache") == CHUNK_SIZE * 3 // 2
+        assert await node.metric("shoal_disk_errors_total", operation="chunk_read") == 1
+        assert await seeding(node) == []
+        assert not marker(chunks).exists()
