@@ -287,10 +287,12 @@ def _grant(
     blobs, a blob that has one leaving a slot to each blob being fetched that has none (each chunk
     must take a short time even when an image's layers are fetched in parallel: a chunk is
     published only once complete). A member whose node is already fetching a chunk (of this blob
-    or of another of the registry's) gets another only when no other active joiner that could take
-    a chunk is fetching none, and `lone_grace` after its node's newest lease. A lease whose bytes have all
-    arrived (its origin hashes and publishes the chunk) no longer counts: the registry's link goes
-    on to the next chunk meanwhile."""
+    or of another of the registry's) gets another only `lone_grace` after its node's newest
+    lease, and a second one of this blob only when no other active joiner that could take a chunk
+    is fetching none. A lease whose bytes have all arrived (its origin hashes and publishes the
+    chunk) no longer counts: the registry's link goes on to the next chunk meanwhile. (A joiner
+    that has the whole blob stops syncing but counts as active for a while: only the second chunk
+    of one blob waits for it, never a node's first.)"""
     chunks = list(state.chunks)
     lengths = [chunk.length for chunk in state.plan()]
     granted: list[int] = []
@@ -302,9 +304,10 @@ def _grant(
         if not free:
             break
         newest = _newest_fetch(chunks, lengths, member, elsewhere)
-        if newest is not None and (
-            _another_waits(chunks, lengths, state.joiners, member, now, elsewhere)
-            or newest > now - rules.lone_grace
+        if newest is not None and newest > now - rules.lone_grace:
+            break
+        if member in _fetching(chunks, lengths) and _another_waits(
+            chunks, lengths, state.joiners, member, now, elsewhere
         ):
             break
         lease = Lease(member, new_token(), now + rules.lease_seconds, granted_at=now)

@@ -370,7 +370,7 @@ def test_one_address_fills_at_most_per_address_places(
         (Elsewhere(fetching=6), 0, []),  # registry_in_flight reached
         (Elsewhere(fetching=5, idle=3), 0, [0]),  # the first one is never held back by other blobs
         (Elsewhere(fetching=1, nodes={"a": 0.0}), LONE_GRACE, []),  # a fetches elsewhere: lone_grace
-        (Elsewhere(fetching=1, nodes={"a": -5.0}), LONE_GRACE, []),  # ... and b waits with nothing
+        (Elsewhere(fetching=1, nodes={"a": -5.0}), LONE_GRACE, [0]),  # ... over: one, though b waits
         (Elsewhere(fetching=2, nodes={"a": -5.0, "b": -5.0}), 0, [0, 1]),  # b fetches elsewhere: not waiting
         (Elsewhere(fetching=3, idle=2, nodes={"b": -5.0}), 0, [0]),  # a slot left for each idle blob
     ],
