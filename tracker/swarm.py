@@ -296,19 +296,18 @@ def _grant(
     chunks = list(state.chunks)
     lengths = [chunk.length for chunk in state.plan()]
     granted: list[int] = []
-    while (fetching := len(_fetching(chunks, lengths))) < rules.chunks_in_flight:
-        reserved = elsewhere.idle if fetching else 0  # a slot kept for each blob with none
-        if fetching + elsewhere.fetching + reserved >= rules.registry_in_flight:
+    while len(leases := _fetching_leases(chunks, lengths)) < rules.chunks_in_flight:
+        reserved = elsewhere.idle if leases else 0  # a slot kept for each blob with none
+        if len(leases) + elsewhere.fetching + reserved >= rules.registry_in_flight:
             break
         free = [i for i, c in enumerate(chunks) if c.free_for(member)]
         if not free:
             break
-        newest = _newest_fetch(chunks, lengths, member, elsewhere)
+        newest = _newest_fetch(leases, member, elsewhere)
         if newest is not None and newest > now - rules.lone_grace:
             break
-        if member in _fetching(chunks, lengths) and _another_waits(
-            chunks, lengths, state.joiners, member, now, elsewhere
-        ):
+        fetchers = {lease.member for lease in leases}
+        if member in fetchers and _another_waits(chunks, fetchers, state.joiners, member, now, elsewhere):
             break
         lease = Lease(member, new_token(), now + rules.lease_seconds, granted_at=now)
         chunks[free[0]] = replace(chunks[free[0]], lease=lease)
@@ -316,17 +315,8 @@ def _grant(
     return granted, replace(state, chunks=tuple(chunks)) if granted else state
 
 
-def _newest_fetch(
-    chunks: list[ChunkState], lengths: list[int], member: str, elsewhere: Elsewhere
-) -> float | None:
-    """When the member's node last got a lease it is still fetching, on this blob or on the
-    registry's others; None when it fetches none."""
-    here = [lease.granted_at for lease in _fetching_leases(chunks, lengths) if lease.member == member]
-    there = elsewhere.nodes.get(node_of(member))
-    return max([*here, *([] if there is None else [there])], default=None)
-
-
 def _fetching_leases(chunks: list[ChunkState], lengths: list[int]) -> list[Lease]:
+    """Leases whose chunk is still coming from the registry."""
     return [
         c.lease
         for c, length in zip(chunks, lengths, strict=True)
@@ -334,26 +324,28 @@ def _fetching_leases(chunks: list[ChunkState], lengths: list[int]) -> list[Lease
     ]
 
 
-def _fetching(chunks: list[ChunkState], lengths: list[int]) -> list[str]:
-    """The member of each lease whose chunk is still coming from the registry."""
-    return [lease.member for lease in _fetching_leases(chunks, lengths)]
+def _newest_fetch(leases: list[Lease], member: str, elsewhere: Elsewhere) -> float | None:
+    """When the member's node last got a lease it is still fetching, on this blob (`leases`) or on
+    the registry's others; None when it fetches none."""
+    here = [lease.granted_at for lease in leases if lease.member == member]
+    there = elsewhere.nodes.get(node_of(member))
+    return max([*here, *([] if there is None else [there])], default=None)
 
 
 def _another_waits(
     chunks: list[ChunkState],
-    lengths: list[int],
+    fetchers: set[str],
     joiners: Mapping[str, float],
     member: str,
     now: float,
     elsewhere: Elsewhere,
 ) -> bool:
-    """Some other active joiner is fetching no chunk from the registry (of this blob or another)
-    and could take a free one."""
-    fetching = _fetching(chunks, lengths)
+    """Some other active joiner is fetching no chunk from the registry (of this blob: not among
+    `fetchers`; nor of another) and could take a free one."""
     return any(
         other != member
         and seen > now - ACTIVE_JOINER_SECONDS
-        and other not in fetching
+        and other not in fetchers
         and node_of(other) not in elsewhere.nodes
         and any(c.free_for(other) for c in chunks)
         for other, seen in joiners.items()

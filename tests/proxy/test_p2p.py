@@ -75,11 +75,18 @@ async def pull_blob(node: RunningNode, registry: Registry, digest: str, token: s
 
 
 @contextlib.asynccontextmanager
+async def swarm_tracker(registry: Registry, work: Path, **overrides: Any) -> AsyncIterator[RunningTracker]:
+    """A tracker for `registry` with its own TLS CA, cutting blobs into CHUNK_SIZE chunks."""
+    tls_ca = new_lab_ca()
+    config = tracker_config(work, tls_ca, [tracker_entry(registry)], chunk_size=CHUNK_SIZE, **overrides)
+    async with run_tracker(work, tls_ca, config) as tracker:
+        yield tracker
+
+
+@contextlib.asynccontextmanager
 async def lab(registry: Registry, work: Path) -> AsyncIterator[tuple[RunningTracker, PushedImage, str]]:
     image = await push_image(registry, REPO, [LAYER])
-    tls_ca = new_lab_ca()
-    config = tracker_config(work, tls_ca, [tracker_entry(registry)], origin_lease=5, chunk_size=CHUNK_SIZE)
-    async with run_tracker(work, tls_ca, config) as tracker:
+    async with swarm_tracker(registry, work, origin_lease=5) as tracker:
         yield tracker, image, registry.issuer.token({REPO: ["pull"]})
 
 
@@ -190,10 +197,8 @@ async def test_seeder_killed_mid_transfer_pull_still_succeeds(registry: Registry
     image = await push_image(registry, REPO, [big])
     digest = image.layer_digests[0]
     token = registry.issuer.token({REPO: ["pull"]})
-    tls_ca = new_lab_ca()
-    config = tracker_config(tmp_path, tls_ca, [tracker_entry(registry)], chunk_size=CHUNK_SIZE)
     async with (
-        run_tracker(tmp_path, tls_ca, config) as tracker,
+        swarm_tracker(registry, tmp_path) as tracker,
         swarm_node(
             tmp_path, registry, tracker.url, tracker.ca_file, "seeder", peer_upload_limit=2**20
         ) as seeder,
@@ -249,12 +254,8 @@ async def test_a_chunk_of_wrong_bytes_is_withdrawn_and_a_retry_gets_the_right_on
     image = await push_image(registry, REPO, [LAYER])
     digest = image.layer_digests[0]
     token = registry.issuer.token({REPO: ["pull"]})
-    tls_ca = new_lab_ca()
-    config = tracker_config(
-        tmp_path, tls_ca, [tracker_entry(registry)], origin_lease=3, chunk_size=CHUNK_SIZE
-    )
     async with (
-        run_tracker(tmp_path, tls_ca, config) as tracker,
+        swarm_tracker(registry, tmp_path, origin_lease=3) as tracker,
         liar(tracker, registry, digest, token, tmp_path) as lied_about,
         swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "honest") as honest,
     ):
@@ -306,10 +307,8 @@ async def test_a_full_cache_disk_leaves_the_layer_to_the_registry(
     image = await push_image(registry, REPO, [BIG])
     digest = image.layer_digests[0]
     token = registry.issuer.token({REPO: ["pull"]})
-    tls_ca = new_lab_ca()
-    config = tracker_config(tmp_path, tls_ca, [tracker_entry(registry)], chunk_size=CHUNK_SIZE)
     async with (
-        run_tracker(tmp_path, tls_ca, config) as tracker,
+        swarm_tracker(registry, tmp_path) as tracker,
         swarm_node(tmp_path, registry, tracker.url, tracker.ca_file, "seeder") as seeder,
     ):
         if role == "leecher":
