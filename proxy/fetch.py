@@ -290,6 +290,8 @@ class BlobFetch:
 
     async def _leech_published(self, chunks: list[ChunkTorrent]) -> None:
         for torrent in chunks:
+            if self.ended:  # given up while an answer was on its way: its blob is dropped
+                return
             if torrent.index in self._downloads:
                 self._passed[torrent.index] = torrent.info_hash
             elif torrent.index not in self._known:
@@ -304,6 +306,8 @@ class BlobFetch:
                 self._known[torrent.index] = torrent.info_hash
 
     def _take_leases(self, leases: list[ChunkLease]) -> None:
+        if self.ended:  # no chunk file may appear again once the blob's files are deleted
+            return
         for lease in leases:
             if lease.index not in self._downloads and lease.index not in self._known:
                 chunk = self.blob.chunks[lease.index]
